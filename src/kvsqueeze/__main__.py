@@ -1,0 +1,7 @@
+"""``python -m kvsqueeze`` runs the command line."""
+
+import sys
+
+from kvsqueeze.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""Every detail that depends on the transformers version lives here."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_inverse_frequencies(config: PretrainedConfig) -> torch.Tensor | None:
+    """RoPE inverse frequencies ``[rotary_dim // 2]`` as the model computes them, or None without RoPE."""
+    params = getattr(config, "rope_parameters", None)
+    if not params or "rope_theta" not in params:
+        return None
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config)
+        return inv_freq.float()
+    rotary_dim = int(head_dim(config) * params.get("partial_rotary_factor", 1.0))
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim
+    return 1.0 / (params["rope_theta"] ** exponents)

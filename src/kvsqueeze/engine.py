@@ -1,0 +1,256 @@
+"""The generation loop: chunked prefill of the context, compression, question, decode.
+
+Query-agnostic (default): the context is prefilled and compressed before the question is seen,
+then the question is appended uncompressed — the realistic case for a context reused by many
+questions. Query-aware: context and question are prefilled together and the question tokens are
+protected, so scorers that look at recent queries (SnapKV) see the question.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.attention import install
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.models import chat_prompt, max_context_length
+from kvsqueeze.recipe import Recipe
+
+
+class ContextTooLongError(ValueError):
+    """The prompt plus the tokens to generate exceed what the model supports."""
+
+
+@dataclass
+class GenerationResult:
+    """One answer with what it cost. Byte counts are measured after prefill (context + question)."""
+
+    answer: str
+    recipe: str
+    mode: str
+    context_tokens: int
+    question_tokens: int
+    tokens_kept: int
+    kv_bytes: int
+    kv_bytes_full: int
+    kv_dtype: str
+    compression_ratio: float
+    prefill_seconds: float
+    decode_seconds: float
+    generated_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def split_prompt(tokenizer: PreTrainedTokenizerBase, context: str, question: str) -> tuple[str, str]:
+    """The chat prompt for "context, then question", split where the question starts."""
+    text = chat_prompt(tokenizer, f"{context}\n\n{question}")
+    cut = text.rindex(question) - 2
+    return text[:cut], text[cut:]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions as ``generate`` derives them: count of real tokens before, pads at 1."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+@torch.no_grad()
+def prefill(
+    model: PreTrainedModel,
+    cache: CompressedCache,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Feed ``ids [B, n]`` (``mask`` covers every token fed so far plus these) in chunks.
+
+    Returns the logits of the last position ``[B, vocab]``.
+    """
+    past = cache.get_seq_length()
+    positions = positions_from_mask(mask)[:, past:]
+    step = chunk_size or ids.shape[1]
+    logits = None
+    for start in range(0, ids.shape[1], step):
+        stop = min(start + step, ids.shape[1])
+        out = model(
+            input_ids=ids[:, start:stop],
+            attention_mask=mask[:, : past + stop],
+            position_ids=positions[:, start:stop],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits = out.logits[:, -1]
+    return logits
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+@torch.no_grad()
+def decode(
+    model: PreTrainedModel,
+    cache: CompressedCache,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    eos_ids: set[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Greedy (or sampled, ``temperature > 0``) decoding until every row hit eos or the limit."""
+    batch = logits.shape[0]
+    outputs: list[list[int]] = [[] for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool)
+    positions = positions_from_mask(mask)[:, -1:]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tokens = logits.argmax(-1)
+        for row in range(batch):
+            if not done[row]:
+                outputs[row].append(int(tokens[row]))
+        done |= torch.isin(tokens.cpu(), eos)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        positions = positions + 1
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1]
+    return outputs
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    question: str,
+    recipe: Recipe | str = "full",
+    query_aware: bool = False,
+    chunk_size: int | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> GenerationResult:
+    """Answer ``question`` about ``context`` with the KV cache compressed by ``recipe``."""
+    return generate_batch(
+        model,
+        tokenizer,
+        [(context, question)],
+        recipe,
+        query_aware,
+        chunk_size,
+        max_new_tokens,
+        temperature,
+        seed,
+    )[0]
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    recipe: Recipe | str = "full",
+    query_aware: bool = False,
+    chunk_size: int | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> list[GenerationResult]:
+    """Batched ``generate``: contexts left-padded to one length, then questions left-padded.
+
+    Byte counts in the results are for the whole batch's cache.
+    """
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    install(model)
+    device = model.device
+    splits = [split_prompt(tokenizer, context, question) for context, question in pairs]
+    context_rows = [tokenizer.encode(c, add_special_tokens=False) for c, _ in splits]
+    question_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in splits]
+    _check_length(model, tokenizer, context_rows, question_rows, max_new_tokens)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context_ids, context_mask = (t.to(device) for t in _left_pad(context_rows, pad_id))
+    question_ids, question_mask = (t.to(device) for t in _left_pad(question_rows, pad_id))
+    mask = torch.cat([context_mask, question_mask], dim=1)
+
+    cache = CompressedCache(recipe)
+    start = time.perf_counter()
+    if query_aware:
+        with cache.settings(protect_from=context_ids.shape[1]):
+            ids = torch.cat([context_ids, question_ids], dim=1)
+            logits = prefill(model, cache, ids, mask, chunk_size)
+    else:
+        prefill(model, cache, context_ids, context_mask, chunk_size)
+        with cache.settings(compress_prefill=False):
+            logits = prefill(model, cache, question_ids, mask)
+    prefill_seconds = time.perf_counter() - start
+    kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+    tokens_kept = cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1)
+
+    eos = _eos_ids(model, tokenizer)
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator)
+    decode_seconds = time.perf_counter() - start
+    return [
+        GenerationResult(
+            answer=tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip(),
+            recipe=str(recipe),
+            mode="query-aware" if query_aware else "query-agnostic",
+            context_tokens=len(context_row),
+            question_tokens=len(question_row),
+            tokens_kept=tokens_kept,
+            kv_bytes=kv_bytes,
+            kv_bytes_full=kv_bytes_full,
+            kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
+            compression_ratio=1.0 - kv_bytes / kv_bytes_full,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            generated_tokens=len(tokens),
+        )
+        for tokens, context_row, question_row in zip(outputs, context_rows, question_rows, strict=True)
+    ]
+
+
+def _check_length(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context_rows: list[list[int]],
+    question_rows: list[list[int]],
+    max_new_tokens: int,
+) -> None:
+    limit = max_context_length(model, tokenizer)
+    needed = max(len(c) for c in context_rows) + max(len(q) for q in question_rows) + max_new_tokens
+    if needed > limit:
+        raise ContextTooLongError(
+            f"prompt needs {needed} tokens (context + question + {max_new_tokens} new) but the model "
+            f"supports {limit}; shorten the context or lower --max-new-tokens"
+        )

@@ -1,0 +1,242 @@
+"""What a scorer sees, and the interface every scorer implements.
+
+A scorer is a pure function of tensors: given the candidate keys/values of one layer (the tokens
+already stored plus the chunk just prefilled) and the queries of that chunk, it returns one
+importance score per (batch, KV head, candidate). Higher means "keep". The cache turns scores into
+a keep set (top-k per head under the budget); scorers never touch storage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+NEVER_EVICT = float("inf")
+"""Score a scorer gives to tokens it insists on keeping (e.g. StreamingLLM sinks)."""
+
+
+@dataclass
+class ScoringInputs:
+    """Everything a scorer may use for one layer during one compression step.
+
+    Shapes: ``B`` batch, ``Hkv`` key/value heads, ``Hq`` query heads (``Hq = Hkv * n_rep``),
+    ``L`` candidates per head (ragged heads are right-padded to ``L``), ``q`` queries in the chunk,
+    ``D`` head dim.
+
+    Attributes
+    ----------
+    keys, values : ``[B, Hkv, L, D]`` post-RoPE keys and values of the candidates.
+    slots : ``[B, Hkv, L]`` int64 index of each candidate in the full sequence (0 = first token fed
+        to the cache, padding included); ``-1`` where the ragged view is padded. Candidates are
+        sorted by slot within each head.
+    valid : ``[B, Hkv, L]`` bool; False for ragged padding, left-padding tokens and tokens no query
+        can see any more. Invalid candidates are always dropped first, whatever their score.
+    queries : ``[B, Hq, q, D]`` post-RoPE queries of the chunk just prefilled.
+    query_positions : ``[B, q]`` RoPE position of each query (left padding shifts these).
+    query_slots : ``[B, q]`` slot of each query; query ``i`` sees valid candidates with
+        ``slot <= query_slots[:, i]`` (see ``query_mask``).
+    scaling : softmax scale of the attention (usually ``D ** -0.5``).
+    layer_idx, num_layers : position of this layer in the model.
+    rope_inv_freq : ``[D // 2]`` RoPE inverse frequencies, for scorers that need to undo or
+        extrapolate rotations (ExpectedAttention).
+    previous_scores : ``[B, Hkv, L]`` running score kept by a stateful scorer (0 for new tokens),
+        or None for stateless scorers.
+    budget : ``[B, Hkv]`` tokens each head will keep (set by the recipe before scoring), for
+        scorers that split their budget (H2O's heavy hitters vs recent window); None if unknown.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+    valid: torch.Tensor
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    query_slots: torch.Tensor
+    scaling: float
+    layer_idx: int = 0
+    num_layers: int = 1
+    rope_inv_freq: torch.Tensor | None = None
+    previous_scores: torch.Tensor | None = None
+    budget: torch.Tensor | None = None
+    _probs_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (grouped-query attention)."""
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.shape[2]
+
+    def query_mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``[B, Hkv, stop - start, L]`` bool: query ``start + i`` may attend to candidate ``j``."""
+        causal = self.slots[:, :, None, :] <= self.query_slots[:, None, start:stop, None]
+        return causal & self.valid[:, :, None, :]
+
+    def attention(self, last: int | None = None, block: int = 256) -> torch.Tensor:
+        """Softmax attention of the last ``last`` queries (all if None) over the candidates.
+
+        Returns ``[B, Hkv, n_rep, w, L]`` probabilities in float32 (query head ``h`` is
+        ``[:, h // n_rep, h % n_rep]``); masked entries are 0. Computed in query blocks of
+        ``block`` so memory stays ``O(block * L)`` per head, and memoised per ``last``.
+        """
+        start = self._first_query(last)
+        if start not in self._probs_cache:
+            self._probs_cache[start] = torch.cat(list(self._attention_blocks(start, block)), dim=3)
+        return self._probs_cache[start]
+
+    def attention_mass(self, last: int | None = None, block: int = 256) -> torch.Tensor:
+        """``[B, Hkv, n_rep, L]`` attention each candidate receives, summed over the last ``last``
+        queries (all if None).
+
+        Same numbers as ``attention(last).sum(3)``, but the ``[w, L]`` matrix is never kept whole,
+        so scoring a long prefill chunk (H2O) costs ``O(block * L)`` memory instead of ``O(q * L)``.
+        """
+        start = self._first_query(last)
+        if start in self._probs_cache:
+            return self._probs_cache[start].sum(3)
+        batch, kv_heads, length, _ = self.keys.shape
+        mass = torch.zeros(batch, kv_heads, self.n_rep, length, device=self.keys.device)
+        for probs in self._attention_blocks(start, block):
+            mass += probs.sum(3)
+        return mass
+
+    def _first_query(self, last: int | None) -> int:
+        return 0 if last is None else max(self.num_queries - last, 0)
+
+    def _attention_blocks(self, start: int, block: int) -> Iterator[torch.Tensor]:
+        batch, kv_heads, _, dim = self.keys.shape
+        keys = self.keys.float()
+        queries = self.queries[:, :, start:].float().reshape(batch, kv_heads, self.n_rep, -1, dim)
+        for lo in range(0, queries.shape[3], block):
+            logits = torch.einsum("bhrqd,bhld->bhrql", queries[:, :, :, lo : lo + block], keys) * self.scaling
+            mask = self.query_mask(start + lo, start + lo + block)
+            logits = logits.masked_fill(~mask[:, :, None], -math.inf)
+            yield torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+
+class Scorer:
+    """Base class: ``score`` maps inputs to ``[B, Hkv, L]`` importance (higher = keep).
+
+    Stateless scorers put ``NEVER_EVICT`` straight into ``score`` for tokens they insist on
+    keeping. ``stateful`` scorers (H2O) must not: their ``score`` is a running state that the cache
+    hands back as ``previous_scores`` at the next compression step (0 for tokens new since then),
+    so an ``inf`` in it would stick forever. They declare forced keeps in ``protect`` instead.
+
+    The cache should call ``rank`` (not ``score``) once per layer and step::
+
+        ranking, state = scorer.rank(inputs)
+        keep = keep_mask(ranking, inputs.valid, counts)
+        if state is not None:  # stateful scorer: store state[keep] per kept token
+            ...
+
+    ``needs_attention`` marks scorers that compute attention probabilities (an extra pass).
+    """
+
+    name: str = ""
+    citation: str = ""
+    stateful: bool = False
+    needs_attention: bool = False
+
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def protect(self, inputs: ScoringInputs) -> torch.Tensor | None:
+        """``[B, Hkv, L]`` bool of candidates to keep whatever their score, or None (default).
+
+        Applied by ``rank`` on top of ``score``, never stored in the state.
+        """
+        return None
+
+    def rank(self, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores to select with, and the state to store: what the cache calls.
+
+        Returns ``(ranking, state)``: ``ranking`` ``[B, Hkv, L]`` is ``score`` with ``protect``
+        applied as ``NEVER_EVICT`` and feeds ``keep_mask``; ``state`` is the raw ``score`` to store
+        for the kept tokens if the scorer is ``stateful``, else None.
+        """
+        scores = self.score(inputs)
+        protected = self.protect(inputs)
+        ranking = scores if protected is None else scores.masked_fill(protected, NEVER_EVICT)
+        return ranking, scores if self.stateful else None
+
+    def options(self) -> dict:
+        """The scorer's tunable options and their current values (for ``kvsqueeze methods``)."""
+        from dataclasses import asdict, is_dataclass
+
+        return asdict(self) if is_dataclass(self) else {}
+
+
+def first_valid(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B, H, L]`` bool: the first ``count`` valid candidates of each head (by slot order)."""
+    return valid & (valid.cumsum(-1) <= count)
+
+
+def last_valid(valid: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """``[B, H, L]`` bool: the last ``count`` valid candidates of each head (the most recent).
+
+    ``count`` is one number, or ``[B, H]`` numbers, one per head.
+    """
+    count = count[..., None] if isinstance(count, torch.Tensor) else count
+    return valid & (valid.flip(-1).cumsum(-1).flip(-1) <= count)
+
+
+def sum_by_slot(
+    scores: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, group: int = 1
+) -> torch.Tensor:
+    """Give each candidate the sum of ``scores`` over all valid candidates, in every head of its
+    batch row, whose ``slot // group`` equals its own.
+
+    With ``group=1`` this adds up one token's score across heads (matched by slot, since heads
+    that evicted differently hold different tokens at the same index); with ``group=n`` it totals
+    chunks of ``n`` consecutive slots. ``[B, H, L]`` in and out; invalid entries contribute 0.
+    """
+    batch = scores.shape[0]
+    ids = (torch.where(valid, slots, 0) // group).reshape(batch, -1)
+    totals = scores.new_zeros(batch, int(ids.max()) + 1 if ids.numel() else 1)
+    totals.scatter_add_(1, ids, torch.where(valid, scores, 0.0).reshape(batch, -1))
+    return totals.gather(1, ids).reshape(scores.shape)
+
+
+def pool_over_neighbours(scores: torch.Tensor, kernel_size: int, valid: torch.Tensor) -> torch.Tensor:
+    """Max-pool ``[B, H, L]`` scores over ``kernel_size`` neighbouring candidates (odd size, 'same')."""
+    if kernel_size <= 1:
+        return scores
+    batch, heads, length = scores.shape
+    filled = scores.masked_fill(~valid, 0.0).reshape(batch * heads, 1, length)
+    pooled = torch.nn.functional.max_pool1d(filled, kernel_size, stride=1, padding=kernel_size // 2)
+    return pooled.reshape(batch, heads, length)
+
+
+def inputs_from_tensors(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    values: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    **overrides,
+) -> ScoringInputs:
+    """Build ``ScoringInputs`` for hand-made tensors (tests, notebooks).
+
+    Candidates get slots ``0..L-1`` and the ``q`` queries are the last ``q`` candidates (the chunk
+    just prefilled), at RoPE positions equal to their slots.
+    """
+    batch, kv_heads, length, dim = keys.shape
+    q_len = queries.shape[2]
+    slots = torch.arange(length).expand(batch, kv_heads, length)
+    query_slots = torch.arange(length - q_len, length).expand(batch, q_len)
+    fields = dict(
+        keys=keys,
+        values=keys if values is None else values,
+        slots=slots,
+        valid=torch.ones(batch, kv_heads, length, dtype=torch.bool) if valid is None else valid,
+        queries=queries,
+        query_positions=query_slots.clone(),
+        query_slots=query_slots,
+        scaling=dim**-0.5,
+    )
+    fields.update(overrides)
+    return ScoringInputs(**fields)

@@ -1,0 +1,46 @@
+"""End-to-end on the embedded SmolLM2-135M: passkey retrieval with and without compression."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsqueeze.demo import contains_answer
+from kvsqueeze.engine import generate
+
+pytestmark = pytest.mark.real_model
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+def passkey_context(key: int, depth: float, repeats: int = 30) -> str:
+    """RULER's passkey layout: an instruction, repeated filler, the key stated twice at ``depth``."""
+    parts = [FILLER] * repeats
+    parts.insert(int(depth * repeats), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    intro = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    return intro + "I will quiz you about the important information there.\n\n" + "".join(parts)
+
+
+@pytest.mark.parametrize(("key", "depth"), [(30571, 0.5), (92734, 0.8)])
+def test_passkey_full_cache_and_snapkv(real_model, key, depth):
+    model, tokenizer = real_model
+    context = passkey_context(key, depth)
+    question = "What is the pass key?"
+    full = generate(model, tokenizer, context, question, "full", max_new_tokens=12)
+    snapkv = generate(model, tokenizer, context, question, "snapkv@0.75", query_aware=True, max_new_tokens=12)
+    assert 750 <= full.context_tokens <= 850
+    assert contains_answer(full.answer, str(key)), full.answer
+    assert contains_answer(snapkv.answer, str(key)), snapkv.answer
+    assert snapkv.mode == "query-aware" and full.mode == "query-agnostic"
+    assert full.compression_ratio < 0.01
+    assert 0.70 < snapkv.compression_ratio < 0.75  # the question is kept on top of 25% of the context
+    assert snapkv.kv_bytes_full == full.kv_bytes_full
+
+
+def test_chunked_prefill_keeps_the_answer_and_bounds_memory(real_model):
+    model, tokenizer = real_model
+    context = passkey_context(92734, 0.8)
+    one_shot = generate(model, tokenizer, context, "What is the pass key?", "full", max_new_tokens=12)
+    chunked = generate(
+        model, tokenizer, context, "What is the pass key?", "full", chunk_size=256, max_new_tokens=12
+    )
+    assert chunked.answer == one_shot.answer
