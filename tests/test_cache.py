@@ -182,7 +182,15 @@ def test_nbytes_is_held_bytes_and_drops_with_ratio():
         tensors = [
             t
             for layer in cache.layers
-            for t in (layer.keys, layer.values, layer.slots, layer.scores, layer.lengths, layer.context_seen)
+            for t in (
+                layer.keys,
+                layer.values,
+                layer.slots,
+                layer.scores,
+                layer.lengths,
+                layer.context_seen,
+                layer.offsets,
+            )
             if t is not None
         ]
         assert cache.nbytes() == sum(t.numel() * t.element_size() for t in tensors)
@@ -190,9 +198,8 @@ def test_nbytes_is_held_bytes_and_drops_with_ratio():
         kept = cache.layers[0].lengths
         assert kept.unique().tolist() == [int(torch.tensor((1 - ratio) * 40).ceil())]
         held[ratio] = cache.nbytes()
-        assert (
-            cache.nbytes_full() == 2 * 2 * 40 * 16 * 2 * 4
-        )  # layers * heads * tokens * head_dim * (k+v) * fp32
+        # layers * heads * tokens * head_dim * (k+v) * fp32
+        assert cache.nbytes_full() == 2 * 2 * 40 * 16 * 2 * 4
     assert held[0.0] > held[0.5] > held[0.75] > held[0.9]
 
 

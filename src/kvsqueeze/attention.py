@@ -131,7 +131,7 @@ def compress_layer(
     protected = valid & (view.slots >= protect_from) if protect_from is not None else torch.zeros_like(valid)
     new_context = valid & ~protected & (view.slots >= layer.seen - q_len)
     layer.context_seen += new_context[:, 0].sum(-1)
-    keep, state = layer.cache.recipe.select(inputs, layer.context_seen, protected)
+    keep, state = layer.cache.recipe.select(inputs, layer.context_seen, protected, layer.cache.budget_state)
     layer.keep(view, keep, state)
 
 

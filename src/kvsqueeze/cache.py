@@ -58,6 +58,7 @@ class CompressedLayer(CacheLayerMixin):
         self.lengths: torch.Tensor | None = None
         self.seen = 0
         self.context_seen: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -66,6 +67,7 @@ class CompressedLayer(CacheLayerMixin):
         self.values = value_states.new_empty((0, value_states.shape[-1]))
         self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=self.device)
         self.context_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.offsets = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -117,8 +119,7 @@ class CompressedLayer(CacheLayerMixin):
         """Bytes held at rest by this layer (keys, values, slots, scorer state, lengths)."""
         if not self.is_initialized:
             return 0
-        held = [self.keys, self.values, self.slots, self.scores, self.lengths, self.context_seen]
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tokens_kept(self) -> int:
         return 0 if not self.is_initialized else int(self.lengths.sum())
@@ -142,12 +143,47 @@ class CompressedLayer(CacheLayerMixin):
         index = index.to(self.device)
         lengths = self.lengths[index]
         keep = ragged.occupancy(lengths, int(lengths.max()) if lengths.numel() else 0)
-        stored = [self.keys, self.values, self.slots, self.scores]
-        self.keys, self.values, self.slots, self.scores = (
-            None if t is None else ragged.pack(ragged.pad(t, self.lengths)[index], keep) for t in stored
-        )
-        self.lengths = lengths
-        self.context_seen = self.context_seen[index]
+        for name in self.TOKEN_FIELDS:
+            packed = getattr(self, name)
+            if packed is not None:
+                setattr(self, name, ragged.pack(ragged.pad(packed, self.lengths)[index], keep))
+        for name in self.ROW_FIELDS:
+            setattr(self, name, getattr(self, name)[index])
+
+    TOKEN_FIELDS = ("keys", "values", "slots", "scores")
+    ROW_FIELDS = ("lengths", "context_seen", "offsets")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor this layer holds, by name (what ``nbytes`` counts and a store saves)."""
+        names = self.TOKEN_FIELDS + self.ROW_FIELDS
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    def load(self, tensors: dict[str, torch.Tensor], seen: int) -> None:
+        """Restore what ``tensors()`` returned (and the true length ``seen``)."""
+        for name in self.TOKEN_FIELDS + self.ROW_FIELDS:
+            setattr(self, name, tensors.get(name))
+        self.dtype, self.device = self.keys.dtype, self.keys.device
+        self.seen = seen
+        self.is_initialized = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the stored tensors do not describe a consistent layer."""
+        total = int(self.lengths.sum())
+        for name in self.TOKEN_FIELDS:
+            packed = getattr(self, name)
+            if packed is not None and packed.shape[0] != total:
+                raise ValueError(f"{name} holds {packed.shape[0]} tokens, lengths say {total}")
+        if self.slots is None and bool((self.lengths != self.seen).any()):
+            raise ValueError("a layer without stored slots must hold every token it has seen")
+        if self.slots is not None and total and int(self.slots.max()) >= self.seen:
+            raise ValueError("a stored slot lies beyond the layer's length")
+
+    def materialized_slots(self) -> torch.Tensor:
+        """Packed int32 slots, built from the implied ``0..seen-1`` when not stored yet."""
+        if self.slots is not None:
+            return self.slots
+        batch, heads = self.lengths.shape
+        return torch.arange(self.seen, dtype=torch.int32, device=self.device).repeat(batch * heads)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -179,6 +215,7 @@ class CompressedCache(Cache):
         self.compress_prefill = True
         self.protect_from: int | None = None
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
+        self.budget_state: dict = {}
 
     @contextmanager
     def settings(self, compress_prefill: bool | None = None, protect_from: int | None = None):
@@ -200,7 +237,7 @@ class CompressedCache(Cache):
     def compresses(self, query_length: int) -> bool:
         """Whether a forward of ``query_length`` new tokens is compressed."""
         recipe = self.recipe
-        return query_length > 1 and self.compress_prefill and recipe is not None and not recipe.is_full
+        return query_length > 1 and self.compress_prefill and recipe is not None and recipe.evicts
 
     def rope_inv_freq(self, config, device: torch.device) -> torch.Tensor | None:
         """The model's RoPE inverse frequencies (computed once per device), for scorers."""
@@ -235,3 +272,85 @@ class CompressedCache(Cache):
     @property
     def kv_dtype(self) -> torch.dtype | None:
         return next((layer.dtype for layer in self.layers if layer.is_initialized), None)
+
+    @classmethod
+    def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
+        """One batch made of the rows of ``caches`` (same recipe, same model), ends aligned.
+
+        A row that has seen fewer tokens than the longest is shifted right, as left padding
+        would: its slots and ``offsets`` grow by the difference, nothing is stored for the gap.
+        Pass position ids per row and a 2D mask whose first ``offsets[row]`` columns are 0.
+        """
+        recipes = {str(cache.recipe) for cache in caches}
+        if len(recipes) > 1:
+            raise ValueError(f"cannot stack caches made with different recipes: {sorted(recipes)}")
+        stacked = cls(caches[0].recipe)
+        for layers in zip(*(cache.layers for cache in caches), strict=True):
+            stacked.layers.append(_stack_layers(stacked, list(layers)))
+        return stacked
+
+    def split(self) -> list[CompressedCache]:
+        """The inverse of ``stack``: one single-row cache per batch row, offsets removed."""
+        batch = self.layers[0].lengths.shape[0]
+        rows = [type(self)(self.recipe) for _ in range(batch)]
+        for layer in self.layers:
+            for row, cache in enumerate(rows):
+                single = CompressedLayer(cache)
+                single.load(layer.tensors(), layer.seen)
+                single._select_batch(torch.tensor([row]))
+                shift = int(single.offsets[0])
+                if shift:
+                    single.slots = single.slots - shift
+                    single.seen -= shift
+                    single.offsets.zero_()
+                cache.layers.append(single)
+        return rows
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Named tensors (``"<layer>.<field>"``) and JSON-able metadata to rebuild this cache."""
+        tensors = {
+            f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.tensors().items()
+        }
+        meta = {"recipe": str(self.recipe or "full"), "seen": [layer.seen for layer in self.layers]}
+        return tensors, meta
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], meta: dict) -> CompressedCache:
+        """Rebuild a cache saved with ``state_dict`` (raises ``ValueError`` if inconsistent)."""
+        from kvsqueeze.recipe import Recipe
+
+        cache = cls(Recipe.parse(meta["recipe"]))
+        for index, seen in enumerate(meta["seen"]):
+            prefix = f"{index}."
+            fields = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
+            layer = CompressedLayer(cache)
+            layer.load(fields, seen)
+            layer.validate()
+            cache.layers.append(layer)
+        return cache
+
+
+def _stack_layers(cache: CompressedCache, layers: list[CompressedLayer]) -> CompressedLayer:
+    seen = max(layer.seen for layer in layers)
+    aligned = all(layer.seen == seen for layer in layers)
+    tensors = {}
+    for name in CompressedLayer.TOKEN_FIELDS:
+        parts = [getattr(layer, name) for layer in layers]
+        if name == "slots":
+            if aligned and all(part is None for part in parts):
+                continue
+            parts = [layer.materialized_slots() + (seen - layer.seen) for layer in layers]
+        elif all(part is None for part in parts):
+            continue
+        elif name == "scores":
+            parts = [
+                layer.keys.new_zeros(layer.keys.shape[0], dtype=torch.float) if p is None else p
+                for layer, p in zip(layers, parts, strict=True)
+            ]
+        tensors[name] = torch.cat(parts)
+    for name in CompressedLayer.ROW_FIELDS:
+        tensors[name] = torch.cat([getattr(layer, name) for layer in layers])
+    tensors["offsets"] = torch.cat([layer.offsets + (seen - layer.seen) for layer in layers])
+    stacked = CompressedLayer(cache)
+    stacked.load(tensors, seen)
+    return stacked

@@ -1,7 +1,9 @@
-"""``Recipe``: the composition unit (scorer + ratio), its string form, and token selection.
+"""``Recipe``: the composition unit (scorer + budget + quantizer + ratio), its string form, selection.
 
-String form: ``full``, or ``NAME[:opt=value,...]@RATIO`` where RATIO is the fraction of context
-tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``.
+String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
+the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
+``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``. Each component is ``name[:option=value,...]``; at
+most one scorer, one budget and one quantizer.
 """
 
 from __future__ import annotations
@@ -13,6 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.budgets import BUDGETS
+from kvsqueeze.budgets.base import Budget
+from kvsqueeze.components import Component
+from kvsqueeze.quantizers import QUANTIZERS
+from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.scorers import SCORERS
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 from kvsqueeze.selection import keep_mask
@@ -24,64 +31,86 @@ class RecipeError(ValueError):
     """A recipe string or value that cannot be used; the message says what would be valid."""
 
 
+def components() -> dict[str, type[Component]]:
+    return {**SCORERS, **BUDGETS, **QUANTIZERS}
+
+
 def valid_names() -> list[str]:
-    return [FULL, *SCORERS]
+    return [FULL, *components()]
 
 
 @dataclass
 class Recipe:
-    """What to keep of the context: a scorer and the fraction of context tokens to remove.
+    """What to keep of the context and how to store it.
 
     Parameters
     ----------
-    scorer : importance scorer (None keeps everything).
+    scorer : importance scorer (None keeps every token).
     ratio : fraction of context tokens removed, in [0, 1). Tokens protected by the cache (the
         question in query-aware mode) are kept on top of the budget.
+    budget : how the kept tokens are shared across layers and heads (None = uniform).
+    quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     """
 
     scorer: Scorer | None = None
     ratio: float = 0.0
+    budget: Budget | None = None
+    quantizer: Quantizer | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise RecipeError(f"ratio must be in [0, 1), got {self.ratio}")
-        if self.scorer is None and self.ratio > 0:
-            raise RecipeError("a ratio above 0 needs a scorer to choose what to remove")
+        if self.scorer is None and (self.ratio > 0 or self.budget is not None):
+            raise RecipeError("a ratio or a budget needs a scorer to choose what to remove, e.g. snapkv@0.5")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether prefill drops tokens (a scorer with a ratio, or a budget with its own counts)."""
+        if self.scorer is None:
+            return False
+        return self.ratio > 0 or (self.budget is not None and self.budget.sets_own_counts)
 
     @property
     def is_full(self) -> bool:
-        return self.scorer is None or self.ratio == 0.0
+        return not self.evicts and self.quantizer is None
 
     def __str__(self) -> str:
-        if self.scorer is None:
+        parts = [c.spec() for c in (self.scorer, self.budget, self.quantizer) if c is not None]
+        if not parts:
             return FULL
-        defaults = type(self.scorer)()
-        changed = [
-            f"{f.name}={getattr(self.scorer, f.name)}"
-            for f in dataclasses.fields(self.scorer)
-            if getattr(self.scorer, f.name) != getattr(defaults, f.name)
-        ]
-        options = ":" + ",".join(changed) if changed else ""
-        return f"{self.scorer.name}{options}@{self.ratio:g}"
+        return "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
-        """Parse ``full`` or ``name[:opt=value,...]@ratio``; raise ``RecipeError`` with the valid names."""
+        """Parse a recipe string; raise ``RecipeError`` naming what would be valid."""
         text = text.strip()
         if text == FULL:
             return cls()
         body, at, ratio_text = text.rpartition("@")
         if not at:
             body, ratio_text = text, ""
-        name, _, options_text = body.partition(":")
-        scorer = _build_scorer(name.strip(), options_text)
-        if not ratio_text:
-            raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {name}@0.5")
-        try:
-            ratio = float(ratio_text)
-        except ValueError:
-            raise RecipeError(f"ratio {ratio_text!r} in {text!r} is not a number") from None
-        return cls(scorer=scorer, ratio=ratio)
+        chosen: dict[str, Component] = {}
+        for part in body.split("+"):
+            component = _build_component(part.strip())
+            if component.kind in chosen:
+                raise RecipeError(f"recipe {text!r} has two {component.kind}s; use at most one of each")
+            chosen[component.kind] = component
+        if ratio_text:
+            try:
+                ratio = float(ratio_text)
+            except ValueError:
+                raise RecipeError(f"ratio {ratio_text!r} in {text!r} is not a number") from None
+        else:
+            ratio = 0.0
+        recipe = cls(
+            scorer=chosen.get("scorer"),
+            ratio=ratio,
+            budget=chosen.get("budget"),
+            quantizer=chosen.get("quantizer"),
+        )
+        if recipe.scorer is not None and not ratio_text and not recipe.evicts:
+            raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {body}@0.5")
+        return recipe
 
     def keep_counts(self, context_tokens: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
         """Tokens each ``[B, Hkv]`` head keeps: protected ones plus ``(1 - ratio)`` of the context."""
@@ -89,35 +118,46 @@ class Recipe:
         return protected.sum(-1) + budget[:, None]
 
     def select(
-        self, inputs: ScoringInputs, context_tokens: torch.Tensor, protected: torch.Tensor
+        self, inputs: ScoringInputs, context_tokens: torch.Tensor, protected: torch.Tensor, state: dict
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keep mask ``[B, Hkv, L]`` and the scorer state to store (stateful scorers only).
 
         ``context_tokens [B]`` counts the context tokens seen so far per row (the budget base);
-        ``protected [B, Hkv, L]`` marks candidates that are always kept.
+        ``protected [B, Hkv, L]`` marks candidates that are always kept; ``state`` is the cache's
+        private dict for the budget.
         """
         counts = self.keep_counts(context_tokens, protected)
         inputs.budget = counts
-        ranking, state = self.scorer.rank(inputs)
+        ranking, scorer_state = self.scorer.rank(inputs)
+        if self.budget is not None:
+            ranking, counts = self.budget.allocate(ranking, inputs, counts, state)
         ranking = ranking.masked_fill(protected, math.inf)
-        return keep_mask(ranking, inputs.valid, counts), state
+        return keep_mask(ranking, inputs.valid, counts), scorer_state
 
 
-def _build_scorer(name: str, options_text: str) -> Scorer:
-    if name not in SCORERS:
+def _build_component(spec: str) -> Component:
+    name, _, options_text = spec.partition(":")
+    name = name.strip()
+    registry = components()
+    if name not in registry:
         hint = difflib.get_close_matches(name, valid_names(), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise RecipeError(f"unknown method {name!r}{suggestion}; valid names: {', '.join(valid_names())}")
-    scorer_cls = SCORERS[name]
-    fields = {f.name: f for f in dataclasses.fields(scorer_cls)}
+    component_cls = registry[name]
+    fields = (
+        {f.name for f in dataclasses.fields(component_cls)}
+        if dataclasses.is_dataclass(component_cls)
+        else set()
+    )
+    defaults = component_cls().options()
     values = {}
     for item in filter(None, (part.strip() for part in options_text.split(","))):
         key, eq, raw = item.partition("=")
         if not eq or key not in fields:
-            known = ", ".join(f"{k}=<value>" for k in fields) or "none"
+            known = ", ".join(f"{k}=<value>" for k in defaults) or "none"
             raise RecipeError(f"bad option {item!r} for {name}; options: {known}")
-        values[key] = _convert(raw, type(getattr(scorer_cls(), key)), f"{name}:{key}")
-    return scorer_cls(**values)
+        values[key] = _convert(raw, type(defaults[key]), f"{name}:{key}")
+    return component_cls(**values)
 
 
 def _convert(raw: str, kind: type, where: str):

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvsqueeze.components import Component
+
 NEVER_EVICT = float("inf")
 """Score a scorer gives to tokens it insists on keeping (e.g. StreamingLLM sinks)."""
 
@@ -119,7 +121,7 @@ class ScoringInputs:
             yield torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
-class Scorer:
+class Scorer(Component):
     """Base class: ``score`` maps inputs to ``[B, Hkv, L]`` importance (higher = keep).
 
     Stateless scorers put ``NEVER_EVICT`` straight into ``score`` for tokens they insist on
@@ -137,8 +139,7 @@ class Scorer:
     ``needs_attention`` marks scorers that compute attention probabilities (an extra pass).
     """
 
-    name: str = ""
-    citation: str = ""
+    kind = "scorer"
     stateful: bool = False
     needs_attention: bool = False
 
@@ -163,12 +164,6 @@ class Scorer:
         protected = self.protect(inputs)
         ranking = scores if protected is None else scores.masked_fill(protected, NEVER_EVICT)
         return ranking, scores if self.stateful else None
-
-    def options(self) -> dict:
-        """The scorer's tunable options and their current values (for ``kvsqueeze methods``)."""
-        from dataclasses import asdict, is_dataclass
-
-        return asdict(self) if is_dataclass(self) else {}
 
 
 def first_valid(valid: torch.Tensor, count: int) -> torch.Tensor:
