@@ -1,0 +1,79 @@
+"""Prefix reuse: cache states at chunk-aligned token-block boundaries, found by a hash chain.
+
+The context part of a request is prefilled in chunks of ``chunk_size`` tokens aligned at
+position 0, and the recipe compresses after every chunk. The cache after chunk ``k`` therefore
+depends only on the first ``k * chunk_size`` tokens (and the model, recipe, dtype, chunk size),
+compressed or not, so it can be saved under the hash chain of those token blocks and resumed by
+any later request whose context starts with the same blocks. Reused: every full chunk of a
+shared prefix whose boundary was saved. Not reused: a partial last chunk, anything after the
+first differing token, and the uncompressed prompt tail (it is never compressed, so it could be,
+but it is usually the part that differs).
+
+Only some boundaries are saved, since each snapshot is a whole cache (compressed caches cannot
+share blocks: a later chunk may evict tokens of an earlier one): chunk counts that are powers of
+two, and the last full chunk of each context. States live in a byte-capped in-RAM LRU, scoped per
+API key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.serve.store import ContextKey, Entry, MemoryTier
+
+
+def chain_hashes(tokens: list[int], chunk_size: int) -> list[str]:
+    """``h[k]`` = hash of the first ``(k + 1) * chunk_size`` tokens, chained block by block."""
+    hashes, previous = [], b""
+    for start in range(0, len(tokens) - chunk_size + 1, chunk_size):
+        block = torch.tensor(tokens[start : start + chunk_size], dtype=torch.int64).numpy().tobytes()
+        previous = hashlib.sha256(previous + block).digest()
+        hashes.append(previous.hex())
+    return hashes
+
+
+def worth_saving(chunks: int, last_full: int) -> bool:
+    """Save the boundary after ``chunks`` chunks? Powers of two and the context's last full chunk."""
+    return chunks == last_full or chunks & (chunks - 1) == 0
+
+
+class PrefixCache:
+    """Cache states at chunk boundaries, keyed by (model, recipe, dtype, chunk size, hash, scope)."""
+
+    def __init__(self, max_bytes: int, chunk_size: int, model: str, recipe: str, dtype: str):
+        self.chunk_size = chunk_size
+        self.base = (model, f"{recipe}|chunk={chunk_size}", dtype)
+        self.tier = MemoryTier(max_bytes)
+        self.hits = 0
+        self.hit_tokens = 0
+
+    def _key(self, chain_hash: str, scope: str) -> ContextKey:
+        return ContextKey(*self.base, content_hash=chain_hash, scope=scope)
+
+    def lookup(self, context: list[int], scope: str) -> tuple[int, CompressedCache] | None:
+        """The longest saved prefix of ``context``: (tokens it covers, a private copy of its cache)."""
+        hashes = chain_hashes(context, self.chunk_size)
+        for chunks in range(len(hashes), 0, -1):
+            entry = self.tier.get(self._key(hashes[chunks - 1], scope))
+            if entry is not None:
+                tokens = chunks * self.chunk_size
+                self.hits += 1
+                self.hit_tokens += tokens
+                return tokens, CompressedCache.from_state_dict(entry.tensors, entry.meta["cache"])
+        return None
+
+    def save(self, context: list[int], tokens: int, cache: CompressedCache, scope: str) -> None:
+        """Save ``cache``, the state after the first ``tokens`` (a chunk multiple) of ``context``."""
+        chain_hash = chain_hashes(context[:tokens], self.chunk_size)[-1]
+        key = self._key(chain_hash, scope)
+        if self.tier.contains(key):
+            return
+        tensors, meta = cache.state_dict()
+        self.tier.put(key, Entry(tensors, {"tokens": [], "cache": meta}))
+
+    @property
+    def nbytes(self) -> int:
+        return self.tier.nbytes

@@ -1,0 +1,350 @@
+"""The model runner: owns the model and every KV tensor, runs on one worker thread.
+
+Each step (``step``): take new requests and cancellations from the inbox, admit what fits
+(``Scheduler``), prefill each admitted sequence into its own ``CompressedCache`` (context
+chunk-aligned and compressed, resumed from the prefix cache or a stored context when possible;
+then the prompt tail uncompressed), stack it into the running batch, then decode the whole
+batch one token. Rows are aligned at their ends by ``CompressedCache.stack``; each row gets its
+own position ids and a 2D mask that is zero over its ``offsets`` columns. Finished, cancelled and
+preempted rows leave with ``batch_select_indices``.
+
+Results go out through each sequence's ``sink(event, value)`` (called on the worker thread):
+``("token", id)``, ``("context", Entry)``, ``("done", info dict)``, ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from kvsqueeze.attention import install
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.engine import prefill
+from kvsqueeze.models import kv_cache_spec
+from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.prefix import PrefixCache, worth_saving
+from kvsqueeze.serve.scheduler import Scheduler, Sequence, Status
+from kvsqueeze.serve.store import Entry
+
+log = logging.getLogger("kvsqueeze.serve.runner")
+
+# offsets (left gaps of rows shorter than the longest) are squeezed out once they pass this
+_MAX_IDLE_OFFSET = 4096
+
+
+@dataclass
+class RunnerStats:
+    """Counters the metrics endpoint reads (written by the worker thread only)."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    max_running: int = 0
+    kv_bytes: int = 0
+    peak_kv_bytes: int = 0
+
+
+class Runner:
+    """Continuous batching of ``Sequence`` objects on one model (see module docstring).
+
+    Parameters
+    ----------
+    model : a causal LM (``install`` is applied to it).
+    recipe : the compression recipe of every cache.
+    kv_memory : the KV budget in bytes (what the running caches really hold).
+    chunk_size : context prefill chunk, also the prefix-reuse block.
+    prefix_cache : saved chunk-boundary states, or None to disable prefix reuse.
+    eos_ids : token ids that end a sequence.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        recipe: Recipe,
+        kv_memory: int,
+        chunk_size: int = 256,
+        prefix_cache: PrefixCache | None = None,
+        eos_ids: set[int] | frozenset[int] = frozenset(),
+        max_running: int = 64,
+    ):
+        self.model = install(model)
+        self.recipe = recipe
+        self.chunk_size = chunk_size
+        self.prefix_cache = prefix_cache
+        self.eos_ids = frozenset(eos_ids)
+        layers, kv_heads, head_dim = kv_cache_spec(model.config)
+        element = torch.empty(0, dtype=model.dtype).element_size()
+        # keys + values, and the int32 slot a stacked or compressed row stores per token
+        self.entry_bytes = 2 * head_dim * element + 4
+        self.entries_per_token = layers * kv_heads
+        self.token_bytes = self.entry_bytes * self.entries_per_token
+        self.scheduler = Scheduler(kv_memory, self.estimate, self.token_bytes, max_running)
+        self.cache: CompressedCache | None = None
+        self.inbox: queue.Queue = queue.Queue()
+        self.stats = RunnerStats()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def kept(self, context_tokens: int) -> int:
+        """Context tokens a head keeps after compression (an upper bound for own-count budgets)."""
+        if not self.recipe.evicts or self.recipe.ratio == 0:
+            return context_tokens
+        return math.ceil((1.0 - self.recipe.ratio) * context_tokens)
+
+    def estimate(self, seq: Sequence) -> int:
+        """Peak bytes of ``seq`` during its prefill and right after it (see ``Scheduler``)."""
+        context = len(seq.context)
+        kept = self.kept(context)
+        peak_chunk = 0 if seq.restored is not None else min(self.chunk_size, context)
+        tail = len(seq.prompt) + len(seq.output)
+        return self.token_bytes * max(kept + peak_chunk, kept + tail + 1)
+
+    def bytes_needed_alone(self, context: int, prompt: int, max_tokens: int) -> int:
+        """What one request needs with nobody else running (the submit-time check)."""
+        kept = self.kept(context)
+        return self.token_bytes * max(kept + min(self.chunk_size, context), kept + prompt + max_tokens)
+
+    def held(self, seq: Sequence) -> int:
+        """Bytes the running batch holds for ``seq``'s row (its stored entries)."""
+        row = self.scheduler.running.index(seq)
+        entries = sum(int(layer.lengths[row].sum()) for layer in self.cache.layers)
+        return entries * self.entry_bytes
+
+    def used(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    # ---- thread ------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        self.inbox.put(("add", seq))
+
+    def cancel(self, seq: Sequence) -> None:
+        self.inbox.put(("cancel", seq))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="kvsqueeze-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self.step(block=True)
+            except Exception:  # a bug must not kill the worker: fail the running requests, go on
+                log.exception("runner step failed; failing the running requests")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error="internal error in the model runner")
+                self.cache = None
+
+    # ---- one step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, block: bool = False) -> None:
+        """Drain the inbox, admit and prefill, then decode the running batch by one token."""
+        self._drain(block and not self.scheduler.has_work())
+        for seq in self.scheduler.admit(self.used()):
+            self._join(seq)
+        if self.scheduler.running:
+            self._decode()
+        self.stats.kv_bytes = self.used()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.stats.kv_bytes)
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                command, seq = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if command == "add":
+                self.scheduler.add(seq)
+            elif command == "cancel" and seq.status is not Status.FINISHED:
+                seq.cancelled = True
+                self._finish(seq, "cancelled")
+
+    def _join(self, seq: Sequence) -> None:
+        try:
+            cache, logits = self._prefill(seq)
+        except Exception as error:
+            log.exception("prefill failed for sequence %d", seq.id)
+            self._finish(seq, "error", error=f"prefill failed: {error}")
+            return
+        if seq.kind == "context":
+            self._finish(seq, "stop")
+            return
+        if not seq.output:
+            seq.output.append(self._sample(seq, logits))
+            seq.sink("token", seq.output[-1])
+        self.scheduler.start(seq)
+        self.cache = cache if self.cache is None else CompressedCache.stack([self.cache, cache])
+        self.stats.max_running = max(self.stats.max_running, len(self.scheduler.running))
+        self._finish_if_done(seq)
+
+    def _prefill(self, seq: Sequence) -> tuple[CompressedCache, torch.Tensor | None]:
+        cache, done = None, 0
+        if seq.restored is not None:
+            entry: Entry = seq.restored
+            cache = CompressedCache.from_state_dict(entry.tensors, entry.meta["cache"])
+            done = len(seq.context)
+        elif self.prefix_cache is not None and seq.context:
+            hit = self.prefix_cache.lookup(seq.context, seq.scope)
+            if hit is not None:
+                done, cache = hit
+        if seq.preemptions == 0:
+            seq.cached_tokens = done
+        cache = cache or CompressedCache(self.recipe)
+        logits = None
+        last_full = len(seq.context) // self.chunk_size
+        while done < len(seq.context):
+            stop = min((done // self.chunk_size + 1) * self.chunk_size, len(seq.context))
+            logits = self._feed(cache, seq.context[done:stop], compress=True)
+            done = stop
+            chunks, partial = divmod(stop, self.chunk_size)
+            if self.prefix_cache is not None and not partial and worth_saving(chunks, last_full):
+                self.prefix_cache.save(seq.context, stop, cache, seq.scope)
+        if seq.kind == "context" or seq.save_context:
+            tensors, meta = cache.state_dict()
+            entry = Entry({k: v.clone() for k, v in tensors.items()}, {"tokens": seq.context, "cache": meta})
+            seq.sink("context", entry)
+        if seq.kind == "context":
+            return cache, None
+        # a resumed (preempted) sequence refeeds what it generated, all but the pending last token
+        tail = seq.prompt + seq.output[:-1]
+        if tail:
+            logits = self._feed(cache, tail, compress=False)
+        return cache, logits
+
+    def _feed(self, cache: CompressedCache, tokens: list[int], compress: bool) -> torch.Tensor:
+        device = self.model.device
+        past = cache.get_seq_length()
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        mask = torch.ones(1, past + len(tokens), dtype=torch.long, device=device)
+        with cache.settings(compress_prefill=compress):
+            logits = prefill(self.model, cache, ids, mask)
+        self.stats.prefill_tokens += len(tokens)
+        return logits[0]
+
+    def _decode(self) -> None:
+        for victim in self.scheduler.to_preempt(self.used(), self.held):
+            log.info("preempting sequence %d (recompute later) to fit --kv-memory", victim.id)
+            self._drop_rows([victim])
+            self.scheduler.preempt(victim)
+            self.stats.preemptions += 1
+        running = self.scheduler.running
+        if len(running) == 1 and self.used() + self.token_bytes > self.scheduler.budget_bytes:
+            log.warning("sequence %d alone outgrew --kv-memory; stopping it", running[0].id)
+            self._finish(running[0], "length")
+        if not running:
+            return
+        device = self.model.device
+        tokens = torch.tensor([[seq.output[-1]] for seq in running], device=device)
+        positions = torch.tensor([[seq.total_tokens - 1] for seq in running], device=device)
+        seen = self.cache.get_seq_length()
+        offsets = self.cache.layers[0].offsets.to(device)
+        mask = (torch.arange(seen + 1, device=device)[None] >= offsets[:, None]).long()
+        out = self.model(
+            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache
+        )
+        logits = out.logits[:, -1]
+        self.stats.steps += 1
+        for row, seq in enumerate(list(running)):
+            seq.output.append(self._sample(seq, logits[row]))
+            seq.sink("token", seq.output[-1])
+            self.stats.decode_tokens += 1
+        for seq in list(running):
+            self._finish_if_done(seq)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        if seq.temperature <= 0:
+            return int(logits.argmax())
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=logits.device)
+            seq.generator.manual_seed(seq.seed if seq.seed is not None else int(time.time_ns() % 2**31))
+        probs = torch.softmax(logits.float() / seq.temperature, dim=-1)
+        if seq.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > seq.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _finish_if_done(self, seq: Sequence) -> None:
+        if seq.output and seq.output[-1] in self.eos_ids:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= seq.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq.status is Status.RUNNING:
+            self._drop_rows([seq])
+        self.scheduler.finish(seq, reason)
+        if error is not None:
+            seq.sink("error", error)
+            return
+        generated = [t for t in seq.output if t not in self.eos_ids]
+        seq.sink(
+            "done",
+            {
+                "finish_reason": reason,
+                "prompt_tokens": len(seq.context) + len(seq.prompt),
+                "completion_tokens": len(generated),
+                "cached_tokens": seq.cached_tokens,
+                "preemptions": seq.preemptions,
+            },
+        )
+
+    def _drop_rows(self, leaving: list[Sequence]) -> None:
+        running = self.scheduler.running
+        keep = [row for row, seq in enumerate(running) if seq not in leaving]
+        if not keep:
+            self.cache = None
+            return
+        if len(keep) == len(running):
+            return
+        select_rows(self.cache, torch.tensor(keep))
+        if int(self.cache.layers[0].offsets.min()) > _MAX_IDLE_OFFSET:
+            parts = self.cache.split()
+            for part in parts:
+                _repair_token_fields(part)
+            self.cache = CompressedCache.stack(parts)
+
+
+def select_rows(cache: CompressedCache, index: torch.Tensor) -> None:
+    """``cache.batch_select_indices(index)``, with the packed tensors made consistent again.
+
+    Works around ``CompressedLayer._select_batch`` (cache.py): when every selected head holds the
+    same number of tokens ``L`` but an unselected row held more, ``ragged.pack``'s all-kept fast
+    path returns the padded width, not ``L``, per head (more tokens than ``lengths`` says).
+    """
+    cache.batch_select_indices(index)
+    _repair_token_fields(cache)
+
+
+def _repair_token_fields(cache: CompressedCache) -> None:
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        lengths = layer.lengths
+        total = int(lengths.sum())
+        for name in type(layer).TOKEN_FIELDS:
+            packed = getattr(layer, name, None)
+            if packed is None or packed.shape[0] == total or not lengths.numel():
+                continue
+            # only reachable in the uniform case: every head holds lengths[0, 0] tokens
+            width = packed.shape[0] // lengths.numel()
+            padded = packed.view(*lengths.shape, width, *packed.shape[1:])
+            setattr(
+                layer, name, padded[:, :, : int(lengths.flatten()[0])].reshape(-1, *packed.shape[1:]).clone()
+            )

@@ -1,0 +1,151 @@
+"""Waiting / running queues, admission by real KV bytes, preemption by recompute.
+
+The scheduler decides, before every step of the runner, which waiting sequences join the
+running batch and which running sequences must leave to let the batch grow by one token.
+Bytes come from the runner: ``used`` is what the running batch's cache really holds
+(``CompressedCache.nbytes()``), a waiting sequence is charged an estimate of its peak during
+prefill (its compressed context plus one chunk, plus its uncompressed prompt tail), and a decode
+step costs one token per running row. FCFS: the oldest waiting sequence goes first and nobody
+overtakes it. When a decode step would not fit, the most recently admitted sequence is
+preempted: its cache is dropped and it goes back to the front of the queue, to be recomputed
+(prefilled again, with its generated tokens) when memory frees up. The oldest running sequence
+is never preempted, so the batch always makes progress.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request as the runner sees it: token ids in, token ids out, events to a sink.
+
+    ``context`` tokens are compressed by the recipe as they are prefilled (chunk-aligned from
+    position 0, so their states are shareable prefixes); ``prompt`` tokens after them are kept
+    whole. ``restored`` is a context cache from the store (its ``state_dict`` entry) to start from
+    instead of prefilling ``context``. ``kind`` is ``"generate"`` or ``"context"`` (prefill the
+    context only and hand its state back).
+    """
+
+    context: list[int]
+    prompt: list[int]
+    max_tokens: int
+    sink: Callable[[str, object], None]
+    stop_ids: frozenset[int] = frozenset()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    scope: str = "public"
+    kind: str = "generate"
+    restored: object | None = None
+    save_context: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output: list[int] = field(default_factory=list)
+    arrival: float = field(default_factory=time.perf_counter)
+    cached_tokens: int = 0
+    preemptions: int = 0
+    cancelled: bool = False
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.context) + len(self.prompt) + len(self.output)
+
+
+class Scheduler:
+    """FCFS admission under ``budget_bytes`` of KV; see module docstring.
+
+    Parameters
+    ----------
+    budget_bytes : the ``--kv-memory`` budget.
+    estimate : bytes a waiting sequence needs at the peak of its prefill.
+    token_bytes : bytes one more token costs one running row (its share of a decode step).
+    max_running : cap on the running batch size.
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        estimate: Callable[[Sequence], int],
+        token_bytes: int,
+        max_running: int = 64,
+    ):
+        self.budget_bytes = budget_bytes
+        self.estimate = estimate
+        self.token_bytes = token_bytes
+        self.max_running = max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def admit(self, used: int) -> list[Sequence]:
+        """Waiting sequences that fit now, oldest first (each reserves its row's next token too)."""
+        admitted = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_running:
+            seq = self.waiting[0]
+            need = self.estimate(seq) + self.token_bytes * (len(self.running) + len(admitted) + 1)
+            if used + need > self.budget_bytes and (self.running or admitted):
+                break
+            # an idle server always takes the oldest request: the submit-time check made sure it fits alone
+            self.waiting.popleft()
+            used += self.estimate(seq)
+            admitted.append(seq)
+        return admitted
+
+    def start(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def to_preempt(self, used: int, held: Callable[[Sequence], int]) -> list[Sequence]:
+        """Running sequences to drop (newest first) so that one decode step fits the budget.
+
+        ``held(seq)`` is the bytes the running batch holds for that sequence's row.
+        """
+        victims: list[Sequence] = []
+        rows = len(self.running)
+        while rows > 1 and used + self.token_bytes * rows > self.budget_bytes:
+            victim = self.running[rows - 1]
+            victims.append(victim)
+            used -= held(victim)
+            rows -= 1
+        return victims
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)

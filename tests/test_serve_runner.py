@@ -1,0 +1,152 @@
+"""The runner on a tiny random model: continuous batching equals running each request alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from kvsqueeze.attention import install
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.engine import decode, prefill
+from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.prefix import PrefixCache, chain_hashes
+from kvsqueeze.serve.runner import Runner
+from kvsqueeze.serve.scheduler import Sequence
+
+CHUNK = 8
+
+
+def reference(model, recipe, context, prompt, max_tokens, chunk=CHUNK):
+    """One request alone: context prefilled in chunks and compressed, prompt kept whole, greedy."""
+    cache = CompressedCache(recipe)
+    ids = torch.tensor([context + prompt])
+    mask = torch.ones_like(ids)
+    if context:
+        prefill(model, cache, ids[:, : len(context)], mask[:, : len(context)], chunk)
+    with cache.settings(compress_prefill=False):
+        logits = prefill(model, cache, ids[:, len(context) :], mask)
+    return decode(model, cache, logits, mask, set(), max_tokens)[0]
+
+
+def tokens(seed, n):
+    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class Collector:
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, event, value):
+        self.events.append((event, value))
+
+    @property
+    def tokens(self):
+        return [value for event, value in self.events if event == "token"]
+
+    @property
+    def done(self):
+        return next((value for event, value in self.events if event == "done"), None)
+
+
+def make_requests(specs):
+    return [
+        (Sequence(context=tokens(i, c), prompt=tokens(100 + i, p), max_tokens=m, sink=Collector()))
+        for i, (c, p, m) in enumerate(specs)
+    ]
+
+
+def run_until_done(runner, seqs, arrivals=None, limit=500):
+    arrivals = arrivals or [0] * len(seqs)
+    for step in range(limit):
+        for seq, at in zip(seqs, arrivals, strict=True):
+            if at == step:
+                runner.submit(seq)
+        runner.step()
+        if all(seq.sink.done for seq in seqs) and step >= max(arrivals):
+            return
+    raise AssertionError("requests did not finish")
+
+
+SPECS = [(21, 3, 6), (0, 9, 4), (13, 5, 7), (30, 4, 5)]
+
+
+@pytest.mark.parametrize("recipe", ["full", "knorm@0.5", "snapkv:window=4@0.5"])
+def test_continuous_batching_matches_each_request_alone(recipe):
+    model = install(tiny_model("qwen2"))
+    recipe = Recipe.parse(recipe)
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
+    seqs = make_requests(SPECS)
+    run_until_done(runner, seqs, arrivals=[0, 0, 2, 5])
+    for seq in seqs:
+        expected = reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+        assert seq.sink.tokens == expected
+        assert seq.sink.done["completion_tokens"] == seq.max_tokens
+        assert seq.sink.done["finish_reason"] == "length"
+    assert runner.stats.max_running >= 3
+    assert runner.cache is None and not runner.scheduler.has_work()
+
+
+def test_small_budget_waits_and_preempts_without_mixing_answers():
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm@0.5")
+    probe = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
+    specs = [(16, 4, 12), (16, 6, 12), (24, 3, 12), (8, 5, 12), (16, 2, 12)]
+    # room for about two requests at a time, so others wait and growing rows get preempted
+    budget = probe.bytes_needed_alone(24, 3, 12) * 2
+    runner = Runner(model, recipe, kv_memory=budget, chunk_size=CHUNK)
+    seqs = make_requests(specs)
+    peak = 0
+    for seq in seqs:
+        runner.submit(seq)
+    for _ in range(500):
+        runner.step()
+        peak = max(peak, runner.used())
+        if all(seq.sink.done for seq in seqs):
+            break
+    for seq in seqs:
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+    assert peak <= budget
+    assert runner.stats.max_running < len(seqs)
+    assert runner.stats.preemptions > 0
+
+
+def test_prefix_reuse_resumes_from_the_longest_saved_boundary():
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm@0.5")
+    prefix = PrefixCache(1 << 30, CHUNK, "tiny", str(recipe), "float32")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, prefix_cache=prefix)
+    shared = tokens(7, 3 * CHUNK)
+    first = Sequence(context=shared + tokens(8, 5), prompt=tokens(9, 4), max_tokens=5, sink=Collector())
+    second = Sequence(context=shared + tokens(10, 11), prompt=tokens(11, 3), max_tokens=5, sink=Collector())
+    run_until_done(runner, [first])
+    run_until_done(runner, [second])
+    assert first.sink.done["cached_tokens"] == 0
+    assert second.sink.done["cached_tokens"] == 3 * CHUNK
+    for seq in (first, second):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+    other_scope = Sequence(context=first.context, prompt=first.prompt, max_tokens=5, sink=Collector())
+    other_scope.scope = "someone-else"
+    run_until_done(runner, [other_scope])
+    assert other_scope.sink.done["cached_tokens"] == 0
+
+
+def test_chain_hashes_cover_full_blocks_only():
+    assert len(chain_hashes(list(range(20)), 8)) == 2
+    assert chain_hashes(list(range(16)), 8) == chain_hashes(list(range(20)), 8)
+    assert chain_hashes([1, *range(1, 16)], 8)[1] != chain_hashes(list(range(16)), 8)[1]
+
+
+def test_cancel_removes_the_row_and_others_continue():
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("full")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
+    seqs = make_requests([(10, 3, 20), (12, 4, 6)])
+    for seq in seqs:
+        runner.submit(seq)
+    runner.step()
+    runner.cancel(seqs[0])
+    for _ in range(20):
+        runner.step()
+    assert seqs[0].sink.done["finish_reason"] == "cancelled"
+    assert seqs[1].sink.tokens == reference(model, recipe, seqs[1].context, seqs[1].prompt, 6)
