@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py
 	$(BIN)/python benchmarks/prefill_overhead.py
+
+# a small eval of a few recipes on the default suite (resumable; see README "Evaluation")
+eval: $(STAMP)
+	$(BIN)/kvsqueeze eval --out eval-out
+
+# every method at ratios 0.5/0.75/0.875 on the default suite -> docs/leaderboard (<= 30 min here)
+leaderboard: $(STAMP)
+	$(BIN)/python benchmarks/leaderboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""Command line: ``kvsqueeze run | methods | demo``. Parses, calls the library, formats."""
+"""Command line: ``kvsqueeze run | methods | demo | eval``. Parses, calls the library, formats."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from transformers.utils.logging import disable_progress_bar
 
 from kvsqueeze.demo import contains_answer, demo_case
 from kvsqueeze.engine import ContextTooLongError, GenerationResult, generate
+from kvsqueeze.eval.runner import EvalError
+from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
 from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
 
 DEMO_RECIPES = "full,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
+EVAL_RECIPES = "full,snapkv@0.75,chunkkv@0.75,streaming@0.75"
 MODES = ("query-agnostic", "query-aware")
 
 
@@ -101,7 +104,96 @@ def build_parser() -> argparse.ArgumentParser:
         help="query-agnostic (compress before the question), query-aware (after it), or both (default)",
     )
     _add_generation_options(demo)
+    _add_eval_parser(commands)
     return parser
+
+
+def _add_eval_parser(commands) -> None:
+    from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE, SUITES, TASKS
+
+    tasks_help = "; ".join(f"{name}: {spec.description}" for name, spec in TASKS.items())
+    suites_help = "; ".join(f"{name} = {','.join(tasks)}" for name, tasks in SUITES.items())
+    default_lengths = ",".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in DEFAULT_LENGTHS)
+    ev = commands.add_parser(
+        "eval",
+        help="score recipes on generated long-context tasks next to the full cache",
+        description="Run every recipe on the same generated samples as the full-cache baseline "
+        "(always included), one JSON line per (recipe, task, length, sample) in OUT/results.jsonl, "
+        "then write OUT/summary.md and PNG plots. Rerunning the same command resumes: finished "
+        "samples are skipped. Ctrl-C keeps what is finished. `kvsqueeze eval report OUT` renders "
+        "the table and plots again.",
+    )
+    ev.add_argument(
+        "--recipes",
+        default=EVAL_RECIPES,
+        help=f"comma-separated recipes (default: {EVAL_RECIPES}); `full` is always added",
+    )
+    ev.add_argument(
+        "--tasks",
+        default=DEFAULT_SUITE,
+        help=f"comma-separated tasks and suites (default: {DEFAULT_SUITE}). Tasks: {tasks_help}; "
+        "fidelity: next-token KL, top-1 agreement and perplexity against the full cache on held "
+        f"English prose. Suites: {suites_help}",
+    )
+    ev.add_argument(
+        "--lengths",
+        default=default_lengths,
+        help=f"comma-separated prompt lengths in tokens of the model's tokenizer, 1k = 1024 "
+        f"(default: {default_lengths})",
+    )
+    ev.add_argument(
+        "--samples", type=int, default=5, metavar="N", help="samples per task and length (default 5)"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    ev.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --preset)")
+    ev.add_argument(
+        "--query-aware",
+        action="store_true",
+        help="compress after the (first) question is seen (default: query-agnostic, the context is "
+        "compressed before the question)",
+    )
+    ev.add_argument(
+        "--preset",
+        choices=["leaderboard"],
+        help="leaderboard: every method at ratios 0.5, 0.75, 0.875 on the default suite, "
+        "written to docs/leaderboard unless --out is given (--recipes/--tasks/--lengths/--samples ignored)",
+    )
+    ev.add_argument(
+        "--fidelity-tokens",
+        type=int,
+        default=128,
+        metavar="N",
+        help="held continuation tokens scored by the fidelity task (default 128)",
+    )
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cap on answer length (default: each task's own, 12 to 96 tokens)",
+    )
+    ev.add_argument("--no-plots", action="store_true", help="write the summary table only")
+    ev.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"HF model id or local path (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
+    )
+    ev.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prefill contexts N tokens at a time, compressing after each chunk",
+    )
+    ev.add_argument("--dtype", default="float32", help="model dtype (default float32: bf16 is slow on CPUs)")
+    sub = ev.add_subparsers(dest="eval_command", title="subcommand (optional)", metavar="report DIR")
+    report = sub.add_parser(
+        "report",
+        help="render the summary table and plots of an eval directory again",
+        description="Rebuild DIR/summary.md and the PNG plots from DIR/results.jsonl (no model needed).",
+    )
+    report.add_argument("dir", type=Path, metavar="DIR", help="an output directory of `kvsqueeze eval`")
+    report.add_argument("--no-plots", action="store_true", help="write the summary table only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return _run(args, console)
+        if args.command == "eval":
+            return _eval(args, console)
         return _demo(args, console)
-    except (ModelLoadError, RecipeError, ContextTooLongError, UsageError) as error:
+    except (ModelLoadError, RecipeError, ContextTooLongError, UsageError, EvalError, TaskError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -159,6 +253,71 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
                 )
     console.print(f"[bold]Question:[/] {case.question}  [bold]expected:[/] {case.answer}")
     console.print(results_table(results, expected=case.answer))
+    return 0
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    from kvsqueeze.eval import leaderboard
+    from kvsqueeze.eval.report import write_report
+    from kvsqueeze.eval.runner import EvalConfig, run_eval
+    from kvsqueeze.eval.tasks import parse_length
+
+    if args.eval_command == "report":
+        if not (args.dir / "results.jsonl").exists():
+            raise UsageError(f"{args.dir} has no results.jsonl")
+        markdown, images = write_report(args.dir, plots=not args.no_plots)
+        console.print(markdown, markup=False, highlight=False)
+        for image in images:
+            console.print(f"wrote {image}", highlight=False)
+        return 0
+    if args.preset == "leaderboard":
+        options = leaderboard.preset()
+        out = args.out or Path(leaderboard.OUT_DIR)
+    else:
+        if args.out is None:
+            raise UsageError("--out DIR is required (where results.jsonl and summary.md go)")
+        options = {
+            "recipes": [r for r in args.recipes.split(",") if r.strip()],
+            "tasks": args.tasks,
+            "lengths": [parse_length(t) for t in args.lengths.split(",") if t.strip()],
+            "samples": args.samples,
+            "seed": args.seed,
+        }
+        out = args.out
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise UsageError("--chunk-size must be a positive number of tokens")
+    if args.fidelity_tokens < 2:
+        raise UsageError("--fidelity-tokens must be at least 2")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    config = EvalConfig(
+        **options,
+        query_aware=args.query_aware,
+        model=args.model,
+        dtype=args.dtype,
+        chunk_size=args.chunk_size,
+        fidelity_tokens=args.fidelity_tokens,
+        max_new_tokens=args.max_new_tokens,
+    )
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    err = Console(stderr=True)
+    try:
+        counts = run_eval(config, out, model, tokenizer, console=err)
+    except KeyboardInterrupt:
+        write_report(out, plots=not args.no_plots)
+        err.print(
+            f"interrupted: finished samples are kept in {out}/results.jsonl (summary.md updated); "
+            "run the same command again to resume",
+            highlight=False,
+        )
+        return 130
+    markdown, images = write_report(out, plots=not args.no_plots)
+    console.print(markdown, markup=False, highlight=False)
+    err.print(
+        f"ran {counts['ran']}, skipped {counts['skipped']} already finished; "
+        f"wrote {out}/results.jsonl, {out}/summary.md" + "".join(f", {p}" for p in images),
+        highlight=False,
+    )
     return 0
 
 

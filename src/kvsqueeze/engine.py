@@ -8,6 +8,7 @@ protected, so scorers that look at recent queries (SnapKV) see the question.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -254,3 +255,159 @@ def _check_length(
             f"prompt needs {needed} tokens (context + question + {max_new_tokens} new) but the model "
             f"supports {limit}; shorten the context or lower --max-new-tokens"
         )
+
+
+def _drop_slots_from(cache: CompressedCache, slot: int) -> None:
+    """Evict every stored token at ``slot`` or later (RoPE positions keep counting, as after eviction)."""
+    for layer in cache.layers:
+        if layer.is_initialized:
+            view = layer.view()
+            layer.keep(view, (view.slots >= 0) & (view.slots < slot), view.scores)
+
+
+def generate_multiturn(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    questions: list[str],
+    recipe: Recipe | str = "full",
+    query_aware: bool = False,
+    chunk_size: int | None = None,
+    max_new_tokens: int = 32,
+    answer_prefix: str = "",
+) -> list[GenerationResult]:
+    """Compress ``context`` once, then answer each question against a copy of that cache.
+
+    The shared-context case of SCBench (Li et al., 2024, arXiv:2412.10319): a context is
+    compressed once and reused by several different requests. Query-agnostic (default): the
+    context is compressed before any question is seen. Query-aware: the context is compressed
+    together with the *first* question (protected, as in ``generate``); later questions reuse that
+    cache with the first question's tokens evicted, so they see a context compressed for another
+    question. ``answer_prefix`` is appended after the assistant header and not part of the answer.
+
+    Returns one ``GenerationResult`` per question, greedy decoding. Bytes are measured after the
+    question's prefill; ``prefill_seconds`` of the first turn includes the context prefill, later
+    turns count only their question.
+    """
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    install(model)
+    device = model.device
+    splits = [split_prompt(tokenizer, context, question) for question in questions]
+    if len({head for head, _ in splits}) != 1:
+        raise ValueError("the chat template frames the context differently per question")
+    context_row = tokenizer.encode(splits[0][0], add_special_tokens=False)
+    question_rows = [tokenizer.encode(tail + answer_prefix, add_special_tokens=False) for _, tail in splits]
+    _check_length(model, tokenizer, [context_row], question_rows, max_new_tokens)
+    context_ids = torch.tensor([context_row], device=device)
+    eos = _eos_ids(model, tokenizer)
+    mode = "query-aware" if query_aware else "query-agnostic"
+
+    shared = CompressedCache(recipe)
+    start = time.perf_counter()
+    first_logits = None
+    if query_aware:
+        ids = torch.cat([context_ids, torch.tensor([question_rows[0]], device=device)], dim=1)
+        with shared.settings(protect_from=len(context_row)):
+            first_logits = prefill(model, shared, ids, torch.ones_like(ids), chunk_size)
+    else:
+        prefill(model, shared, context_ids, torch.ones_like(context_ids), chunk_size)
+    context_seconds = time.perf_counter() - start
+
+    results = []
+    for turn, question_row in enumerate(question_rows):
+        start = time.perf_counter()
+        cache = copy.deepcopy(shared)
+        if query_aware and turn == 0:
+            logits = first_logits
+        else:
+            if query_aware:
+                _drop_slots_from(cache, len(context_row))
+            ids = torch.tensor([question_row], device=device)
+            mask = torch.ones((1, cache.get_seq_length() + ids.shape[1]), dtype=torch.long, device=device)
+            with cache.settings(compress_prefill=False):
+                logits = prefill(model, cache, ids, mask)
+        mask = torch.ones((1, cache.get_seq_length()), dtype=torch.long, device=device)
+        prefill_seconds = time.perf_counter() - start + (context_seconds if turn == 0 else 0.0)
+        kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+        tokens_kept = cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1)
+        start = time.perf_counter()
+        tokens = decode(model, cache, logits, mask, eos, max_new_tokens)[0]
+        results.append(
+            GenerationResult(
+                answer=tokenizer.decode(
+                    [t for t in tokens if t not in eos], skip_special_tokens=True
+                ).strip(),
+                recipe=str(recipe),
+                mode=mode,
+                context_tokens=len(context_row),
+                question_tokens=len(question_row),
+                tokens_kept=tokens_kept,
+                kv_bytes=kv_bytes,
+                kv_bytes_full=kv_bytes_full,
+                kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
+                compression_ratio=1.0 - kv_bytes / kv_bytes_full,
+                prefill_seconds=prefill_seconds,
+                decode_seconds=time.perf_counter() - start,
+                generated_tokens=len(tokens),
+            )
+        )
+    return results
+
+
+@dataclass
+class ContinuationLogits:
+    """Next-token logits over a held continuation, after a (compressed) context prefix.
+
+    ``logits [n, vocab]``: row ``i`` predicts continuation token ``i``. Bytes are measured after the
+    context prefill (before the continuation is fed).
+    """
+
+    logits: torch.Tensor
+    kv_bytes: int
+    kv_bytes_full: int
+    kv_dtype: str
+    seconds: float
+
+
+@torch.no_grad()
+def continuation_logits(
+    model: PreTrainedModel,
+    context_ids: list[int],
+    continuation_ids: list[int],
+    recipe: Recipe | str = "full",
+    chunk_size: int | None = None,
+) -> ContinuationLogits:
+    """Prefill ``context_ids`` compressed by ``recipe``, then teacher-force ``continuation_ids``.
+
+    The continuation is fed uncompressed (``compress_prefill=False``) in one forward, so every
+    prediction sees the compressed context plus the true continuation so far.
+    """
+    recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
+    install(model)
+    device = model.device
+    cache = CompressedCache(recipe)
+    start = time.perf_counter()
+    ids = torch.tensor([context_ids], device=device)
+    first = prefill(model, cache, ids, torch.ones_like(ids), chunk_size)
+    kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+    rows = [first.float()]
+    if len(continuation_ids) > 1:
+        fed = torch.tensor([continuation_ids[:-1]], device=device)
+        past = cache.get_seq_length()
+        mask = torch.ones((1, past + fed.shape[1]), dtype=torch.long, device=device)
+        with cache.settings(compress_prefill=False):
+            out = model(
+                input_ids=fed,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask)[:, past:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        rows.append(out.logits[0].float())
+    return ContinuationLogits(
+        logits=torch.cat(rows).cpu(),
+        kv_bytes=kv_bytes,
+        kv_bytes_full=kv_bytes_full,
+        kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
+        seconds=time.perf_counter() - start,
+    )

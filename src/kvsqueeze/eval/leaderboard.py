@@ -1,0 +1,44 @@
+"""The leaderboard preset: every method of the library at ratios 0.5, 0.75, 0.875 on the default suite.
+
+Methods come from the registries at run time: every scorer at each ratio, every layer/head
+budget paired with SnapKV at each ratio, and every quantizer on its own (it has no ratio: its
+saving is whatever its packed bytes are).
+"""
+
+from __future__ import annotations
+
+from kvsqueeze.budgets import BUDGETS
+from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE
+from kvsqueeze.quantizers import QUANTIZERS
+from kvsqueeze.recipe import Recipe, RecipeError
+from kvsqueeze.scorers import SCORERS
+
+RATIOS = (0.5, 0.75, 0.875)
+SAMPLES = 5
+OUT_DIR = "docs/leaderboard"
+
+
+def leaderboard_recipes(ratios: tuple[float, ...] = RATIOS) -> list[str]:
+    """Recipe strings for every registered method (those that do not parse are skipped)."""
+    candidates = ["full"]
+    candidates += [f"{name}@{ratio:g}" for name in SCORERS for ratio in ratios]
+    candidates += [f"snapkv+{name}@{ratio:g}" for name in BUDGETS for ratio in ratios]
+    candidates += list(QUANTIZERS)
+    recipes = []
+    for text in candidates:
+        try:
+            recipes.append(str(Recipe.parse(text)))
+        except RecipeError:
+            continue
+    return recipes
+
+
+def preset() -> dict:
+    """Keyword arguments of ``EvalConfig`` for the leaderboard."""
+    return {
+        "recipes": leaderboard_recipes(),
+        "tasks": [DEFAULT_SUITE],
+        "lengths": list(DEFAULT_LENGTHS),
+        "samples": SAMPLES,
+        "seed": 0,
+    }

@@ -1,0 +1,278 @@
+"""The eval runner end to end on a tiny random model with the real tokenizer: same samples for
+every recipe, resume, determinism, Ctrl-C, the report, the CLI; plus the engine additions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from kvsqueeze import CompressedCache, generate, install
+from kvsqueeze.cli import main
+from kvsqueeze.engine import _drop_slots_from, continuation_logits, generate_multiturn, prefill
+from kvsqueeze.eval import runner as runner_module
+from kvsqueeze.eval.metrics import fidelity
+from kvsqueeze.eval.report import summarize
+from kvsqueeze.eval.runner import EvalConfig, EvalError, load_records, run_eval
+from kvsqueeze.models import converted_checkpoint_dir, load_model
+
+CONTEXT = "The museum opens at nine. " * 30 + "The secret word is pelican. " + "Tea is served at four. " * 30
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The embedded model's tokenizer alone (converts the model once if nothing did yet)."""
+    if not (converted_checkpoint_dir() / "tokenizer.json").exists():
+        load_model(device="cpu")
+    return AutoTokenizer.from_pretrained(converted_checkpoint_dir())
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    """A 2-layer random Llama whose vocabulary is the real tokenizer's."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def _config(**overrides) -> EvalConfig:
+    options = dict(
+        recipes=["snapkv@0.5"],
+        tasks=["passkey", "multiturn", "fidelity"],
+        lengths=[256],
+        samples=2,
+        fidelity_tokens=16,
+        max_new_tokens=3,
+    )
+    options.update(overrides)
+    return EvalConfig(**options)
+
+
+STABLE = ("key", "prediction", "answers", "score", "kv_bytes", "kv_bytes_full", "prompt_tokens", "kl", "top1")
+
+
+def _stable(records):
+    return [{k: r.get(k) for k in STABLE} for r in records]
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("recipe", ["full", "snapkv@0.5"])
+def test_one_question_multiturn_equals_generate(tiny, recipe, query_aware):
+    model, tokenizer = tiny
+    question = "What is the secret word?"
+    single = generate(model, tokenizer, CONTEXT, question, recipe, query_aware=query_aware, max_new_tokens=6)
+    (turn,) = generate_multiturn(
+        model, tokenizer, CONTEXT, [question], recipe, query_aware=query_aware, max_new_tokens=6
+    )
+    assert turn.answer == single.answer
+    assert turn.kv_bytes == single.kv_bytes and turn.mode == single.mode
+
+
+def test_later_turns_answer_against_an_untouched_copy(tiny):
+    model, tokenizer = tiny
+    questions = ["What is the secret word?", "When is tea served?", "When does the museum open?"]
+    turns = generate_multiturn(model, tokenizer, CONTEXT, questions, "snapkv@0.5", max_new_tokens=6)
+    for question, turn in zip(questions, turns, strict=True):
+        alone = generate(model, tokenizer, CONTEXT, question, "snapkv@0.5", max_new_tokens=6)
+        assert turn.answer == alone.answer
+    aware = generate_multiturn(
+        model, tokenizer, CONTEXT, questions, "snapkv@0.5", query_aware=True, max_new_tokens=6
+    )
+    assert [t.mode for t in aware] == ["query-aware"] * 3
+    # later turns hold the context compressed for the first question, its tokens evicted
+    assert aware[1].kv_bytes < aware[0].kv_bytes
+
+
+def test_drop_slots_evicts_the_tail_and_keeps_positions(tiny):
+    model, _ = tiny
+    install(model)
+    cache = CompressedCache()
+    ids = torch.randint(5, 1000, (1, 40))
+    prefill(model, cache, ids, torch.ones_like(ids))
+    _drop_slots_from(cache, 30)
+    assert cache.get_seq_length() == 40
+    for layer in cache.layers:
+        assert int(layer.lengths.min()) == int(layer.lengths.max()) == 30
+        assert int(layer.slots.max()) == 29
+
+
+def test_continuation_logits_full_is_exact_and_compression_diverges(tiny, tokenizer):
+    model, _ = tiny
+    context = list(range(1000, 1200))
+    continuation = list(range(1200, 1220))
+    full = continuation_logits(model, context, continuation, "full")
+    again = continuation_logits(model, context, continuation, "full")
+    squeezed = continuation_logits(model, context, continuation, "streaming@0.75")
+    assert full.logits.shape == (20, len(tokenizer))
+    assert fidelity(full.logits, again.logits, continuation)["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert fidelity(full.logits, squeezed.logits, continuation)["kl"] > 0
+    assert squeezed.kv_bytes < 0.5 * full.kv_bytes
+
+
+def test_eval_runs_every_recipe_on_the_same_samples_and_resumes(tiny, tmp_path):
+    model, tokenizer = tiny
+    first = run_eval(_config(), tmp_path, model, tokenizer)
+    assert first == {"ran": 12, "skipped": 0}
+    records = load_records(tmp_path)
+    assert len(records) == 12
+    by_recipe = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], set()).add((r["task"], r["length"], r["sample"]))
+    assert by_recipe["full"] == by_recipe["snapkv@0.5"] and len(by_recipe["full"]) == 6
+    passkey = next(r for r in records if r["task"] == "passkey")
+    for field in ("prediction", "answers", "score", "kv_bytes", "kv_bytes_full", "prefill_seconds", "mode"):
+        assert field in passkey
+    multiturn = next(r for r in records if r["task"] == "multiturn")
+    assert len(multiturn["turn_scores"]) == 4 == len(multiturn["prediction"])
+    fid = next(r for r in records if r["task"] == "fidelity" and r["recipe"] == "snapkv@0.5")
+    assert {"kl", "top1", "ppl", "ppl_full"} <= set(fid)
+
+    # a torn last line (a crash mid-write) is ignored, and nothing finished is run again
+    with (tmp_path / "results.jsonl").open("a") as handle:
+        handle.write('{"recipe": "full", "trunc')
+    assert run_eval(_config(), tmp_path, model, tokenizer) == {"ran": 0, "skipped": 12}
+    more = run_eval(_config(samples=3, recipes=["snapkv@0.5", "streaming@0.5"]), tmp_path, model, tokenizer)
+    assert more == {"ran": 3 * 3 + 6, "skipped": 12}
+    assert len(load_records(tmp_path)) == 27
+
+    with pytest.raises(EvalError, match="seed=0 there, 5 now"):
+        run_eval(_config(seed=5), tmp_path, model, tokenizer)
+
+
+def test_eval_is_deterministic(tiny, tmp_path):
+    model, tokenizer = tiny
+    config = _config(tasks=["niah_single", "fidelity"], samples=1)
+    run_eval(config, tmp_path / "a", model, tokenizer)
+    run_eval(config, tmp_path / "b", model, tokenizer)
+    assert _stable(load_records(tmp_path / "a")) == _stable(load_records(tmp_path / "b"))
+
+
+def _record(recipe, task, sample, score, ratio, depth=None, **extra):
+    return {
+        "key": f"{recipe}|query-agnostic|{task}|1024|{sample}",
+        "recipe": recipe,
+        "mode": "query-agnostic",
+        "task": task,
+        "length": 1024,
+        "sample": sample,
+        "seed": 0,
+        "model": "m",
+        "score": score,
+        "compression_ratio": ratio,
+        "kv_dtype": "float32",
+        "depth": depth,
+        **extra,
+    }
+
+
+def test_report_renders_from_saved_lines(tmp_path):
+    records = [
+        _record("full", "passkey", 0, 1.0, 0.0, depth=0.0),
+        _record("full", "passkey", 1, 1.0, 0.0, depth=0.5),
+        _record("full", "vt", 0, 0.8, 0.0),
+        _record("snapkv@0.5", "passkey", 0, 1.0, 0.49, depth=0.0),
+        _record("snapkv@0.5", "passkey", 1, 0.0, 0.49, depth=0.5),
+        _record("snapkv@0.5", "vt", 0, 0.4, 0.49),
+        _record("snapkv@0.75", "passkey", 0, 0.0, 0.74, depth=0.0),
+        # a sample the full cache did not answer is left out of every comparison
+        _record("snapkv@0.75", "passkey", 7, 1.0, 0.74, depth=0.0),
+        _record("full", "multiturn", 0, 0.5, 0.0, turn_scores=[1.0, 1.0, 0.0, 0.0]),
+        _record("snapkv@0.5", "multiturn", 0, 0.25, 0.49, turn_scores=[1.0, 0.0, 0.0, 0.0]),
+        _record(
+            "full", "fidelity", 0, 1.0, 0.0, kl=0.0, top1=1.0, ppl=10.0, ppl_full=10.0, continuation_tokens=8
+        ),
+        _record(
+            "snapkv@0.5",
+            "fidelity",
+            0,
+            0.5,
+            0.5,
+            kl=0.7,
+            top1=0.5,
+            ppl=14.0,
+            ppl_full=10.0,
+            continuation_tokens=8,
+        ),
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = summarize(records)["query-agnostic"]["rows"]
+    assert rows["full"]["tasks"] == {"passkey": 1.0, "vt": 0.8, "multiturn": 0.5}
+    assert rows["snapkv@0.5"]["tasks"] == {"passkey": 0.5, "vt": 0.4, "multiturn": 0.25}
+    assert rows["snapkv@0.5"]["relative"] == pytest.approx(0.5)
+    assert rows["snapkv@0.75"]["tasks"] == {"passkey": 0.0} and not rows["snapkv@0.75"]["complete"]
+
+    assert main(["eval", "report", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| `snapkv@0.5` | 50.0 | 40.0 | 25.0 | 38.3 | 0.50 | 49.0% | float32 | 4 |" in summary
+    assert "| `snapkv@0.5` | 100.0 | 0.0 | 1 |" in summary  # multi-turn: turn 1 vs later turns
+    assert "| `snapkv@0.5` | 0.700 | 50.0% | 14.00 | 50.0% | 1 |" in summary
+    for name in ("score_vs_ratio.png", "needle_heatmap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in summary
+
+
+def test_ctrl_c_keeps_finished_samples_and_exits_130(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kvsqueeze.cli.load_model", lambda *args, **kwargs: tiny)
+    calls = {"n": 0}
+    real = runner_module.generate_multiturn
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "generate_multiturn", interrupted)
+    args = ["eval", "--tasks", "passkey", "--lengths", "256", "--samples", "2", "--out", str(tmp_path)]
+    args += ["--recipes", "full,streaming@0.5", "--no-plots", "--max-new-tokens", "3"]
+    assert main(args) == 130
+    assert len(load_records(tmp_path)) == 2
+    assert "run the same command again to resume" in capsys.readouterr().err
+    monkeypatch.setattr(runner_module, "generate_multiturn", real)
+    assert main(args) == 0
+    assert len(load_records(tmp_path)) == 4
+    assert "ran 2, skipped 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["eval", "report"]])
+def test_eval_commands_have_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: kvsqueeze eval" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lengths", "1q"], "bad length '1q'"),
+        (["--tasks", "passkey,nope"], "unknown task 'nope'"),
+        (["--recipes", "full,snapkvv@0.5"], "did you mean 'snapkv'"),
+        (["--recipes", "snapkv@1.5"], "ratio must be in [0, 1)"),
+        (["--samples", "0"], "--samples must be at least 1"),
+    ],
+)
+def test_eval_bad_input_is_one_error_line(args, message, tmp_path, capsys):
+    assert main(["eval", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_needs_an_out_dir_and_report_needs_results(tmp_path, capsys):
+    assert main(["eval"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert main(["eval", "report", str(tmp_path)]) == 2
+    assert "has no results.jsonl" in capsys.readouterr().err
