@@ -1,0 +1,692 @@
+"""FastAPI routes: OpenAI-compatible completions, contexts, models, health, metrics; auth and limits.
+
+The asyncio side only validates, tokenizes, queues a ``Sequence`` for the ``Runner`` thread and
+turns the token events it sends back into JSON or server-sent events. Nothing here touches a KV
+tensor. Everything lives in one ``Server`` object (no module-level state), so tests can build
+several in one process.
+
+How a prompt is split (the query-agnostic split of ``kvsqueeze.engine``): the *context* tokens
+are prefilled in chunks and compressed by the recipe, the *prompt* tokens after them are kept
+whole. Chat: everything before the last user message's text is context; with ``context_id`` the
+stored document (placed at the start of the first user message) is the context. Completions: the
+text before the last blank line (``"\\n\\n"``) is context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.engine import _eos_ids
+from kvsqueeze.models import max_context_length
+from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.metrics import Metrics
+from kvsqueeze.serve.prefix import PrefixCache
+from kvsqueeze.serve.runner import Runner
+from kvsqueeze.serve.scheduler import Sequence
+from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
+
+log = logging.getLogger("kvsqueeze.serve")
+
+SENTINEL = "\x00kvsqueeze-document\x00"
+CONTEXT_PREFIX = "ctx-"
+
+
+@dataclass
+class ServeConfig:
+    """Server settings (the ``kvsqueeze serve`` options)."""
+
+    model_name: str
+    recipe: str = "full"
+    kv_memory: int = 2 << 30
+    chunk_size: int = 256
+    api_keys: tuple[str, ...] = ()
+    stores: tuple[str, ...] = ()
+    store_ram: int = 1 << 30
+    prefix_cache: int = 512 << 20
+    max_tokens_limit: int = 2048
+    default_max_tokens: int = 256
+    max_request_bytes: int = 4 << 20
+    max_running: int = 64
+    extra: dict = field(default_factory=dict)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "code", "param"}}``."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def response(self) -> JSONResponse:
+        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
+        body = {
+            "message": self.message,
+            "type": kind.get(self.status, "invalid_request_error" if self.status < 500 else "server_error"),
+            "param": self.param,
+            "code": self.code,
+        }
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+@dataclass
+class Prepared:
+    """A validated request: token ids split into context and prompt, and how to run it."""
+
+    context: list[int]
+    prompt: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    restored: Entry | None = None
+    context_tier: str | None = None
+    save_context: Entry | None = None
+    context_key: ContextKey | None = None
+
+
+class Server:
+    """Model, tokenizer, runner, store and metrics of one server process (no global state)."""
+
+    def __init__(self, config: ServeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.recipe = Recipe.parse(config.recipe)
+        self.recipe_name = str(self.recipe)
+        self.dtype = str(model.dtype).removeprefix("torch.")
+        self.max_length = max_context_length(model, tokenizer)
+        prefix = None
+        if config.prefix_cache > 0:
+            prefix = PrefixCache(
+                config.prefix_cache, config.chunk_size, config.model_name, self.recipe_name, self.dtype
+            )
+        self.runner = Runner(
+            model,
+            self.recipe,
+            config.kv_memory,
+            chunk_size=config.chunk_size,
+            prefix_cache=prefix,
+            eos_ids=_eos_ids(model, tokenizer),
+            max_running=config.max_running,
+        )
+        self.store = TieredStore.from_specs(config.store_ram, list(config.stores))
+        self.metrics = self._metrics()
+        self.created = int(time.time())
+
+    def _metrics(self) -> Metrics:
+        metrics = Metrics()
+        runner = self.runner
+        metrics.describe("requests_total", "counter", "HTTP requests by route and status")
+        metrics.describe("prompt_tokens_total", "counter", "prompt tokens received")
+        metrics.describe("completion_tokens_total", "counter", "tokens generated")
+        metrics.describe("cached_prompt_tokens_total", "counter", "prompt tokens not prefilled (reused)")
+        metrics.describe("time_to_first_token_seconds", "histogram", "request arrival to first token")
+        metrics.describe("context_cache_hits_total", "counter", "stored-context hits by tier")
+        metrics.describe("context_cache_misses_total", "counter", "stored contexts absent or recomputed")
+        metrics.describe("context_store_corrupt_total", "counter", "corrupt store entries detected")
+        metrics.gauge("kv_bytes_in_use", lambda: runner.stats.kv_bytes)
+        metrics.describe("kv_bytes_in_use", "gauge", "bytes held by the running batch's KV cache")
+        metrics.gauge("kv_bytes_peak", lambda: runner.stats.peak_kv_bytes)
+        metrics.describe("kv_bytes_peak", "gauge", "highest kv_bytes_in_use seen")
+        metrics.gauge("kv_bytes_budget", lambda: self.config.kv_memory)
+        metrics.describe("kv_bytes_budget", "gauge", "the --kv-memory budget")
+        metrics.gauge("running_sequences", lambda: len(runner.scheduler.running))
+        metrics.describe("running_sequences", "gauge", "sequences in the running batch")
+        metrics.gauge("running_sequences_max", lambda: runner.stats.max_running)
+        metrics.describe("running_sequences_max", "gauge", "largest running batch so far")
+        metrics.gauge("waiting_sequences", lambda: len(runner.scheduler.waiting))
+        metrics.describe("waiting_sequences", "gauge", "sequences waiting for KV memory")
+        metrics.gauge("preemptions_total", lambda: runner.stats.preemptions)
+        metrics.describe("preemptions_total", "counter", "sequences preempted (recomputed later)")
+        metrics.gauge("prefill_tokens_total", lambda: runner.stats.prefill_tokens)
+        metrics.describe("prefill_tokens_total", "counter", "tokens run through prefill")
+        metrics.gauge("decode_steps_total", lambda: runner.stats.steps)
+        metrics.describe("decode_steps_total", "counter", "batched decode steps")
+        prefix = runner.prefix_cache
+        metrics.gauge("prefix_cache_hits_total", lambda: 0 if prefix is None else prefix.hits)
+        metrics.describe("prefix_cache_hits_total", "counter", "requests resumed from a saved prefix")
+        metrics.gauge("prefix_cache_bytes", lambda: 0 if prefix is None else prefix.nbytes)
+        metrics.describe("prefix_cache_bytes", "gauge", "bytes held by saved prefix states")
+        return metrics
+
+    def start(self) -> None:
+        self.runner.start()
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.store.close()
+
+    # ---- auth and keys ---------------------------------------------------------------------
+    def scope(self, request: Request) -> str:
+        """The caller's scope (a hash of its API key); raises 401 when keys are required."""
+        if not self.config.api_keys:
+            return "public"
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
+        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in self.config.api_keys):
+            raise APIError(401, "invalid API key", "invalid_api_key")
+        return hashlib.sha256(b"kvsqueeze-scope:" + given.encode()).hexdigest()[:16]
+
+    def context_key(self, content_hash: str, scope: str) -> ContextKey:
+        return ContextKey(self.config.model_name, self.recipe_name, self.dtype, content_hash, scope)
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def render(self, messages: list[dict]) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return f"{turns}assistant:"
+
+    def document_head(self, messages_before: list[dict]) -> str:
+        """Rendered text before a document placed at the start of the first user message."""
+        text = self.render([*messages_before, {"role": "user", "content": SENTINEL}])
+        return text[: text.index(SENTINEL)]
+
+    def split_chat(self, messages: list[dict]) -> tuple[str, str]:
+        """(context text, prompt text): the cut is where the last user message's text starts."""
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is None:
+            raise APIError(400, "messages need at least one user message", param="messages")
+        marked = [*messages[:last], {**messages[last], "content": SENTINEL}, *messages[last + 1 :]]
+        text = self.render(marked)
+        cut = text.index(SENTINEL)
+        return text[:cut], text[cut:].replace(SENTINEL, messages[last]["content"], 1)
+
+    def check_size(self, context: int, prompt: int, max_tokens: int) -> None:
+        total = context + prompt + max_tokens
+        if total > self.max_length:
+            raise APIError(
+                400,
+                f"this request needs {total} tokens ({context + prompt} prompt + {max_tokens} max_tokens) "
+                f"but the model supports {self.max_length}; shorten the prompt or lower max_tokens",
+                "context_length_exceeded",
+            )
+        need = self.runner.bytes_needed_alone(context, prompt, max_tokens)
+        if need > self.config.kv_memory:
+            raise APIError(
+                400,
+                f"this request needs about {need} bytes of KV cache but the server's --kv-memory is "
+                f"{self.config.kv_memory}; shorten the prompt or lower max_tokens",
+                "kv_memory_exceeded",
+            )
+
+
+def _sampling(body: dict, limit: int, default_max: int) -> tuple[int, float, float, int | None, list[str]]:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
+    if max_tokens > limit:
+        raise APIError(
+            400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens"
+        )
+    temperature = body.get("temperature")
+    temperature = 0.0 if temperature is None else temperature
+    top_p = body.get("top_p")
+    top_p = 1.0 if top_p is None else top_p
+    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise APIError(400, "temperature must be a number in [0, 2]", param="temperature")
+    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise APIError(400, "top_p must be a number in (0, 1]", param="top_p")
+    if body.get("n", 1) not in (1, None):
+        raise APIError(400, "only n=1 is supported", param="n")
+    seed = body.get("seed")
+    if seed is not None and not isinstance(seed, int):
+        raise APIError(400, "seed must be an integer", param="seed")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise APIError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+    return max_tokens, float(temperature), float(top_p), seed, stop
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI application serving ``server`` (starts and stops its runner with the app)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        try:
+            yield
+        finally:
+            server.close()
+
+    app = FastAPI(title="kvsqueeze", lifespan=lifespan)
+    config = server.config
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        server.metrics.inc("requests_total", route=request.url.path, status=str(error.status))
+        return error.response()
+
+    @app.middleware("http")
+    async def limit_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
+            return APIError(
+                413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes} bytes"
+            ).response()
+        return await call_next(request)
+
+    async def read_json(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > config.max_request_bytes:
+            raise APIError(413, f"request body exceeds the limit of {config.max_request_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise APIError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != config.model_name:
+            raise APIError(
+                404,
+                f"model {model!r} is not served here; this server serves {config.model_name!r}",
+                "model_not_found",
+                "model",
+            )
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "recipe": server.recipe_name}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        server.scope(request)
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.scope(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": server.created,
+                    "owned_by": "kvsqueeze",
+                    "kvsqueeze": {"recipe": server.recipe_name, "kv_memory": config.kv_memory},
+                }
+            ],
+        }
+
+    @app.post("/v1/contexts")
+    async def create_context(request: Request):
+        scope = server.scope(request)
+        body = await read_json(request)
+        document = body.get("document")
+        if not isinstance(document, str) or not document:
+            raise APIError(400, "'document' must be a non-empty string", param="document")
+        head = server.document_head([])
+        tokens = server.encode(head + document)
+        server.check_size(len(tokens), 0, 1)
+        content_hash = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
+        key = server.context_key(content_hash, scope)
+        lookup = await asyncio.to_thread(server.store.get, key)
+        tier = lookup.tier
+        if lookup.entry is None or lookup.entry.tensors is None:
+            entry = await run_context_job(tokens, scope)
+            entry.meta["head"] = head
+            await asyncio.to_thread(server.store.put, key, entry)
+            server.metrics.inc("context_cache_misses_total")
+            nbytes = entry.nbytes
+        else:
+            server.metrics.inc("context_cache_hits_total", tier=tier)
+            nbytes = lookup.entry.nbytes
+        server.metrics.inc("requests_total", route="/v1/contexts", status="200")
+        return {
+            "id": CONTEXT_PREFIX + content_hash,
+            "object": "context",
+            "tokens": len(tokens),
+            "kv_bytes": nbytes,
+            "recipe": server.recipe_name,
+            "cached": tier is not None and lookup.entry is not None and lookup.entry.tensors is not None,
+            "tier": tier,
+        }
+
+    async def run_context_job(tokens: list[int], scope: str) -> Entry:
+        queue = asyncio.Queue()
+        seq = Sequence(
+            context=tokens, prompt=[], max_tokens=0, sink=sink_for(queue), scope=scope, kind="context"
+        )
+        server.runner.submit(seq)
+        entry = None
+        while True:
+            event, value = await queue.get()
+            if event == "context":
+                entry = value
+            elif event == "error":
+                raise APIError(500, value)
+            elif event == "done":
+                return entry
+
+    def sink_for(queue: asyncio.Queue):
+        loop = asyncio.get_running_loop()
+
+        def sink(event: str, value) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed at shutdown
+                loop.call_soon_threadsafe(queue.put_nowait, (event, value))
+
+        return sink
+
+    async def resolve_context(context_id, scope: str, messages: list[dict]) -> Prepared:
+        if not isinstance(context_id, str) or not context_id.startswith(CONTEXT_PREFIX):
+            raise APIError(400, "context_id must be an id returned by POST /v1/contexts", param="context_id")
+        key = server.context_key(context_id[len(CONTEXT_PREFIX) :], scope)
+        lookup = await asyncio.to_thread(server.store.get, key)
+        if lookup.corrupt:
+            server.metrics.inc("context_store_corrupt_total")
+        if lookup.entry is None:
+            server.metrics.inc("context_cache_misses_total")
+            raise APIError(
+                404,
+                f"context {context_id} not found (never created with this API key, or expired); "
+                "POST /v1/contexts again",
+                "context_not_found",
+                "context_id",
+            )
+        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first is None:
+            raise APIError(400, "messages need at least one user message", param="messages")
+        head = lookup.entry.meta.get("head", "")
+        if server.document_head(messages[:first]) != head:
+            raise APIError(
+                400,
+                "a request with context_id cannot put messages before the first user message that "
+                "differ from those the context was created with",
+                param="messages",
+            )
+        marked = [
+            *messages[:first],
+            {**messages[first], "content": SENTINEL + "\n\n" + messages[first]["content"]},
+        ]
+        text = server.render([*marked, *messages[first + 1 :]])
+        prompt_text = text[text.index(SENTINEL) + len(SENTINEL) :]
+        prepared = Prepared(lookup.entry.meta["tokens"], server.encode(prompt_text), 0, 0.0, 1.0, None, [])
+        prepared.context_key = key
+        if lookup.entry.tensors is None:  # corrupt everywhere: recompute from the manifest's tokens
+            server.metrics.inc("context_cache_misses_total")
+            prepared.context_tier = "recomputed"
+            prepared.save_context = lookup.entry
+        else:
+            server.metrics.inc("context_cache_hits_total", tier=lookup.tier)
+            prepared.context_tier = lookup.tier
+            prepared.restored = lookup.entry
+        return prepared
+
+    def check_messages(messages) -> list[dict]:
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list", param="messages")
+        checked = []
+        for message in messages:
+            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+                raise APIError(
+                    400, "each message needs a role of system, user or assistant", param="messages"
+                )
+            content = message.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            if not isinstance(content, str):
+                raise APIError(400, "message content must be a string", param="messages")
+            checked.append({"role": message["role"], "content": content})
+        return checked
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrival = time.perf_counter()
+        scope = server.scope(request)
+        body = await read_json(request)
+        messages = check_messages(body.get("messages"))
+        sampling = _sampling(body, config.max_tokens_limit, config.default_max_tokens)
+        context_id = body.get("context_id")
+        if context_id is not None:
+            prepared = await resolve_context(context_id, scope, messages)
+        else:
+            context_text, prompt_text = server.split_chat(messages)
+            prepared = Prepared(
+                server.encode(context_text), server.encode(prompt_text), 0, 0.0, 1.0, None, []
+            )
+        prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
+        return await respond(request, body, prepared, scope, arrival, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        arrival = time.perf_counter()
+        scope = server.scope(request)
+        body = await read_json(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
+        if body.get("context_id") is not None:
+            raise APIError(400, "context_id is supported on /v1/chat/completions only", param="context_id")
+        cut = prompt.rfind("\n\n")
+        context_text, prompt_text = (prompt[:cut], prompt[cut:]) if cut > 0 else ("", prompt)
+        prepared = Prepared(server.encode(context_text), server.encode(prompt_text), 0, 0.0, 1.0, None, [])
+        sampling = _sampling(body, config.max_tokens_limit, 16)
+        prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
+        return await respond(request, body, prepared, scope, arrival, chat=False)
+
+    async def respond(
+        request: Request, body: dict, prepared: Prepared, scope: str, arrival: float, chat: bool
+    ):
+        if not prepared.prompt and not prepared.context:
+            raise APIError(400, "the prompt is empty")
+        if not prepared.prompt:  # keep one token out of the compressed context
+            prepared.context, prepared.prompt = prepared.context[:-1], prepared.context[-1:]
+        server.check_size(len(prepared.context), len(prepared.prompt), prepared.max_tokens)
+        route = request.url.path
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(
+            context=prepared.context,
+            prompt=prepared.prompt,
+            max_tokens=prepared.max_tokens,
+            sink=sink_for(queue),
+            stop_ids=frozenset(),
+            temperature=prepared.temperature,
+            top_p=prepared.top_p,
+            seed=prepared.seed,
+            scope=scope,
+            restored=prepared.restored,
+            save_context=prepared.save_context is not None,
+        )
+        server.runner.submit(seq)
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        stream = bool(body.get("stream"))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        text = TextStream(server.tokenizer, server.runner.eos_ids, prepared.stop)
+
+        async def events():
+            """(delta text, finish reason or None, info) as tokens arrive; cancels on stop strings."""
+            first = True
+            while True:
+                event, value = await queue.get()
+                if event == "token":
+                    if first:
+                        server.metrics.observe("time_to_first_token_seconds", time.perf_counter() - arrival)
+                        first = False
+                    delta = text.push(value)
+                    if text.stopped:
+                        server.runner.cancel(seq)
+                    if delta:
+                        yield delta, None, None
+                elif event == "context":
+                    await store_recomputed(prepared, value)
+                elif event == "error":
+                    raise APIError(500, value)
+                elif event == "done":
+                    reason = "stop" if text.stopped else value["finish_reason"]
+                    if reason == "cancelled":
+                        reason = "stop"
+                    yield text.flush(), reason, value
+                    return
+
+        def usage(info: dict) -> dict:
+            server.metrics.inc("prompt_tokens_total", info["prompt_tokens"])
+            server.metrics.inc("completion_tokens_total", text.count)
+            server.metrics.inc("cached_prompt_tokens_total", info["cached_tokens"])
+            return {
+                "prompt_tokens": info["prompt_tokens"],
+                "completion_tokens": text.count,
+                "total_tokens": info["prompt_tokens"] + text.count,
+                "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]},
+            }
+
+        def extension(info: dict) -> dict:
+            return {
+                "context_tier": prepared.context_tier,
+                "recipe": server.recipe_name,
+                "preemptions": info["preemptions"],
+            }
+
+        def chunk(delta: dict | str | None, reason: str | None) -> dict:
+            if chat:
+                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": reason}
+                kind = "chat.completion.chunk"
+            else:
+                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+                kind = "text_completion"
+            return {
+                "id": request_id,
+                "object": kind,
+                "created": created,
+                "model": config.model_name,
+                "choices": [choice],
+            }
+
+        if not stream:
+            parts, reason, info = [], None, None
+            try:
+                async for delta, finish, details in events():
+                    parts.append(delta)
+                    reason, info = finish or reason, details or info
+            except asyncio.CancelledError:
+                server.runner.cancel(seq)
+                raise
+            content = "".join(parts)
+            if chat:
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            else:
+                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
+            server.metrics.inc("requests_total", route=route, status="200")
+            return {
+                "id": request_id,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": config.model_name,
+                "choices": [choice],
+                "usage": usage(info),
+                "kvsqueeze": extension(info),
+            }
+
+        async def sse():
+            try:
+                if chat:
+                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                async for delta, finish, info in events():
+                    if delta:
+                        yield _sse(chunk({"content": delta} if chat else delta, None))
+                    if finish is not None:
+                        final = chunk({} if chat else "", finish)
+                        final["kvsqueeze"] = extension(info)
+                        yield _sse(final)
+                        if include_usage:
+                            yield _sse({**chunk(None, None), "choices": [], "usage": usage(info)})
+                        else:
+                            usage(info)
+                server.metrics.inc("requests_total", route=route, status="200")
+                yield "data: [DONE]\n\n"
+            except APIError as error:
+                yield _sse({"error": {"message": error.message, "type": "server_error", "code": error.code}})
+            finally:
+                server.runner.cancel(seq)  # a no-op when finished; frees the row if the client left
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def store_recomputed(prepared: Prepared, entry: Entry) -> None:
+        entry.meta["head"] = prepared.save_context.meta.get("head", "")
+        log.warning("context %s was recomputed (corrupt in the store) and stored again", prepared.context_key)
+        await asyncio.to_thread(server.store.put, prepared.context_key, entry)
+
+    return app
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class TextStream:
+    """Incremental detokenization with stop strings: ``push(token)`` returns the new text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int], stop: list[str]):
+        self.tokenizer, self.eos_ids, self.stop = tokenizer, eos_ids, stop
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+        self.count = 0
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        if token in self.eos_ids:
+            return ""
+        self.count += 1
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        for stop in self.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, self.stopped = text[:at], True
+        # hold back a tail that could be the start of a stop string
+        hold = 0 if self.stopped else max((_overlap(text, s) for s in self.stop), default=0)
+        visible = text[: len(text) - hold]
+        delta = visible[len(self.sent) :] if visible.startswith(self.sent) else ""
+        self.sent = visible if visible.startswith(self.sent) else self.sent
+        return delta
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent = text
+        return delta
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for size in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0

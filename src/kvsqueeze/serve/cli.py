@@ -1,0 +1,167 @@
+"""``kvsqueeze serve``: options, size parsing, and starting uvicorn on the app."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from kvsqueeze.models import DEFAULT_MODEL
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "t": 10**12,
+    "tb": 10**12,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"`` -> 2147483648; accepts B, kB/MB/GB (powers of 10) and KiB/MiB/GiB (powers of 2)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1e9)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def add_serve_command(subparsers) -> argparse.ArgumentParser:
+    """Add ``serve`` to a ``kvsqueeze`` subparsers object; returns the parser."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="OpenAI-compatible server with compressed KV caches and a context store",
+        description="Serve MODEL over an OpenAI-compatible HTTP API with continuous batching under a KV "
+        "memory budget, prefix reuse and a compressed context store (RAM -> disk -> Redis).",
+    )
+    add_serve_arguments(parser)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"HF model id or local path (default {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--recipe", default="full", help="compression recipe of every cache, e.g. snapkv@0.75"
+    )
+    parser.add_argument(
+        "--kv-memory",
+        type=parse_bytes,
+        default=parse_bytes("2GiB"),
+        metavar="SIZE",
+        help="KV cache budget: bytes the running caches really hold (default 2GiB)",
+    )
+    parser.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        metavar="DIR|redis://HOST:PORT",
+        help="context store tier after the in-RAM LRU: a directory (safetensors files) or a Redis URL; "
+        "repeat for both, in lookup order",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every route but /health; repeat for several keys "
+        "(each key only sees the contexts it created)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="context prefill chunk and prefix-reuse block, in tokens (default 256)",
+    )
+    parser.add_argument(
+        "--store-ram",
+        type=parse_bytes,
+        default=parse_bytes("1GiB"),
+        metavar="SIZE",
+        help="in-RAM LRU tier of the context store (default 1GiB)",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        type=parse_bytes,
+        default=parse_bytes("512MiB"),
+        metavar="SIZE",
+        help="RAM for saved prefix states; 0 disables prefix reuse (default 512MiB)",
+    )
+    parser.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="largest max_tokens a request may ask for (default 2048)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=parse_bytes,
+        default=parse_bytes("4MiB"),
+        metavar="SIZE",
+        help="largest request body (default 4MiB)",
+    )
+    parser.add_argument(
+        "--max-running", type=int, default=64, metavar="N", help="largest running batch (default 64)"
+    )
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Load the model and serve until interrupted; returns an exit status."""
+    import uvicorn
+
+    from kvsqueeze.models import ModelLoadError, load_model
+    from kvsqueeze.recipe import Recipe, RecipeError
+    from kvsqueeze.serve.app import ServeConfig, Server, create_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        Recipe.parse(args.recipe)
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+    except (RecipeError, ModelLoadError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("kvsqueeze.serve").warning(
+            "binding %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model,
+        recipe=args.recipe,
+        kv_memory=args.kv_memory,
+        chunk_size=args.chunk_size,
+        api_keys=tuple(args.api_key),
+        stores=tuple(args.store),
+        store_ram=args.store_ram,
+        prefix_cache=args.prefix_cache,
+        max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+        max_running=args.max_running,
+    )
+    server = Server(config, model, tokenizer)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvsqueeze.serve", description=add_serve_command.__doc__)
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

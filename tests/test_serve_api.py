@@ -1,0 +1,205 @@
+"""The server in-process (uvicorn on 127.0.0.1), driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import uvicorn
+from test_serve_helpers import free_port, http, wait_for
+
+from kvsqueeze.engine import generate
+from kvsqueeze.serve.app import ServeConfig, Server, create_app
+
+pytestmark = pytest.mark.real_model
+
+MODEL = "smollm2-135m"
+KEY_A, KEY_B = "key-a", "key-b"
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary color.",
+    "What is 2 + 2?",
+    "Which animal says moo?",
+    "What do bees make?",
+    "What is the opposite of hot?",
+]
+
+
+@contextlib.contextmanager
+def running(model, tokenizer, **options):
+    """A ``Server`` on a free port in a background thread; yields (base URL, server)."""
+    config = ServeConfig(model_name=MODEL, api_keys=(KEY_A, KEY_B), **options)
+    server = Server(config, model, tokenizer)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: web.started, 60, "uvicorn")
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        web.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(real_model):
+    model, tokenizer = real_model
+    with running(model, tokenizer, kv_memory=256 << 20, max_tokens_limit=64, max_request_bytes=64 << 10) as (
+        base,
+        server,
+    ):
+        yield base, server
+
+
+def client(base, key=KEY_A):
+    return openai.OpenAI(api_key=key, base_url=f"{base}/v1", max_retries=0, timeout=300)
+
+
+def ask(base, question, max_tokens=16, **extra):
+    response = client(base).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=max_tokens, **extra
+    )
+    return response
+
+
+def stream(base, question, max_tokens=16):
+    chunks = client(base).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = [], None, None
+    for chunk in chunks:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), usage, finish
+
+
+def test_chat_completion_answers_and_fills_usage(served):
+    base, _ = served
+    response = ask(base, QUESTIONS[0])
+    assert "Paris" in response.choices[0].message.content
+    assert response.choices[0].finish_reason in ("stop", "length")
+    usage = response.usage
+    assert usage.prompt_tokens > 10 and 0 < usage.completion_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    completion = client(base).completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4)
+    assert completion.usage.completion_tokens == 4 and completion.choices[0].finish_reason == "length"
+    assert [m.id for m in client(base).models.list()] == [MODEL]
+
+
+def test_two_concurrent_streams_get_their_own_answers(served):
+    base, server = served
+    alone = [ask(base, q, max_tokens=24).choices[0].message.content for q in QUESTIONS[:2]]
+    before = server.runner.stats.max_running
+    server.runner.stats.max_running = 0
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda q: stream(base, q, max_tokens=24), QUESTIONS[:2]))
+    assert [text for text, _, _ in results] == alone
+    for (_text, usage, finish), question in zip(results, QUESTIONS[:2], strict=True):
+        assert usage is not None and usage.completion_tokens > 0, question
+        assert finish in ("stop", "length")
+    assert server.runner.stats.max_running == 2  # they shared decode steps
+    server.runner.stats.max_running = max(before, 2)
+
+
+def test_bounded_concurrent_requests_complete_under_a_small_kv_budget(real_model, served):
+    base, _ = served
+    alone = [ask(base, q, max_tokens=12).choices[0].message.content for q in QUESTIONS]
+    model, tokenizer = real_model
+    probe = Server(ServeConfig(model_name=MODEL), model, tokenizer).runner
+    budget = probe.token_bytes * 110  # room for about two of these requests at a time
+    with running(model, tokenizer, kv_memory=budget) as (small, server):
+        started = time.monotonic()
+        with ThreadPoolExecutor(len(QUESTIONS)) as pool:
+            answers = list(
+                pool.map(lambda q: ask(small, q, max_tokens=12).choices[0].message.content, QUESTIONS)
+            )
+        elapsed = time.monotonic() - started
+        stats = server.runner.stats
+        assert answers == alone
+        assert stats.peak_kv_bytes <= budget
+        assert 1 <= stats.max_running < len(QUESTIONS)  # the others waited
+        assert elapsed < 240
+        metrics = http("GET", f"{small}/metrics", headers={"Authorization": f"Bearer {KEY_A}"})[1]
+        assert (
+            "kvsqueeze_kv_bytes_peak" in metrics
+            and "kvsqueeze_time_to_first_token_seconds_count 6" in metrics
+        )
+
+
+def test_context_is_prefilled_once_and_matches_the_library(served, real_model):
+    base, _server = served
+    model, tokenizer = real_model
+    document = (
+        "The museum opens at nine. " * 20 + "The secret word is pelican. " + "Tea is served at four. " * 20
+    )
+    created = client(base).post("/contexts", body={"document": document}, cast_to=object)
+    assert created["id"].startswith("ctx-") and created["tokens"] > 250 and not created["cached"]
+    again = client(base).post("/contexts", body={"document": document}, cast_to=object)
+    assert again["id"] == created["id"] and again["cached"] and again["tier"] == "ram"
+    question = "What is the secret word?"
+    response = ask(base, question, extra_body={"context_id": created["id"]})
+    extension = response.model_extra["kvsqueeze"]
+    assert extension["context_tier"] == "ram"
+    assert response.usage.prompt_tokens_details.cached_tokens == created["tokens"]
+    expected = generate(model, tokenizer, document, question, "full", chunk_size=256, max_new_tokens=16)
+    assert response.choices[0].message.content == expected.answer
+    assert "pelican" in expected.answer
+    # a context belongs to the key that created it
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client(base, KEY_B).chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=4,
+            extra_body={"context_id": created["id"]},
+        )
+
+
+def test_auth_and_limits_give_clear_4xx(served):
+    base, _ = served
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        client(base, "wrong").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert http("GET", f"{base}/health")[0] == 200
+    assert http("GET", f"{base}/metrics")[0] == 401
+    assert http("GET", f"{base}/v1/models", headers={"Authorization": "Bearer nope"})[0] == 401
+    with pytest.raises(openai.BadRequestError, match="exceeds this server's limit of 64"):
+        ask(base, "hi", max_tokens=65)
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client(base).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    status, body = http(
+        "POST",
+        f"{base}/v1/chat/completions",
+        body=b"{" + b" " * (100 << 10) + b"}",
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
+    assert status == 413 and "exceeds the limit" in body["error"]["message"]
+    status, body = http(
+        "POST",
+        f"{base}/v1/chat/completions",
+        body={"messages": []},
+        headers={"Authorization": f"Bearer {KEY_A}"},
+    )
+    assert status == 400 and "messages" in body["error"]["message"]
+    long_prompt = "word " * 9000
+    with pytest.raises(openai.BadRequestError, match="the model supports"):
+        ask(base, long_prompt, max_tokens=4)
+
+
+def test_stop_strings_end_the_answer(served):
+    base, _ = served
+    response = ask(base, QUESTIONS[0], max_tokens=16, stop=["Paris"])
+    assert "Paris" not in response.choices[0].message.content
+    assert response.choices[0].finish_reason == "stop"
