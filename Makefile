@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast lint bench eval leaderboard clean
+.PHONY: demo test test-fast test-serve serve bench bench-serve redis eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,30 @@ demo: $(STAMP)
 	$(BIN)/kvsqueeze demo
 
 test: $(STAMP)
+	@bash scripts/install-redis.sh  # the serve tests start their own redis-server from it (root only)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not real_model"
+
+# the server's tests only: store, scheduler/runner, API with the openai client, processes + Redis
+test-serve: $(STAMP)
+	@bash scripts/install-redis.sh
+	$(BIN)/pytest tests/test_serve_*.py
+
+# an OpenAI-compatible server on 127.0.0.1:8000 (see README "Serving" for the options)
+serve: $(STAMP)
+	$(BIN)/python -m kvsqueeze.serve --recipe snapkv@0.75 --kv-memory 2GiB --store $(HOME)/.cache/kvsqueeze/store
+
+redis:
+	@bash scripts/install-redis.sh
+
+# time to first token (cold vs RAM/disk/Redis hit) and capacity (full vs compressed) of the server
+bench-serve: $(STAMP)
+	@bash scripts/install-redis.sh
+	$(BIN)/python benchmarks/serve_ttft.py
+	$(BIN)/python benchmarks/serve_capacity.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py
