@@ -40,7 +40,8 @@ def test_prompt_length_within_5_percent(tokenizer, task, length):
     sample = make_sample(tokenizer, task, length, 0)
     assert abs(sample.prompt_tokens - length) <= 0.05 * length
     head, tail = task_lib.split_prompt(tokenizer, sample.context, sample.questions[0])
-    measured = len(tokenizer.encode(head + tail + sample.answer_prefix, add_special_tokens=False))
+    prefix = sample.answer_prefix if isinstance(sample.answer_prefix, str) else sample.answer_prefix[0]
+    measured = len(tokenizer.encode(head + tail + prefix, add_special_tokens=False))
     assert measured == sample.prompt_tokens
 
 

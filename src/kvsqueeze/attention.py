@@ -125,14 +125,18 @@ def compress_layer(
         num_layers=config.num_hidden_layers,
         rope_inv_freq=layer.cache.rope_inv_freq(config, query.device),
         previous_scores=view.scores,
+        config=config,
     )
     valid = inputs.valid
     protect_from = layer.cache.protect_from
     protected = valid & (view.slots >= protect_from) if protect_from is not None else torch.zeros_like(valid)
     new_context = valid & ~protected & (view.slots >= layer.seen - q_len)
     layer.context_seen += new_context[:, 0].sum(-1)
-    keep, state = layer.cache.recipe.select(inputs, layer.context_seen, protected, layer.cache.budget_state)
+    recipe, budget_state = layer.cache.recipe, layer.cache.budget_state
+    keep, state = recipe.select(inputs, layer.context_seen, protected, budget_state)
     layer.keep(view, keep, state)
+    if recipe.budget is not None:  # CAKE re-trims the layers before this one
+        recipe.budget.rebalance(layer.cache.layers, module.layer_idx, budget_state)
 
 
 def _kvsqueeze_mask(*args, **kwargs):

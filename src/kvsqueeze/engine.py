@@ -274,7 +274,7 @@ def generate_multiturn(
     query_aware: bool = False,
     chunk_size: int | None = None,
     max_new_tokens: int = 32,
-    answer_prefix: str = "",
+    answer_prefix: str | list[str] = "",
 ) -> list[GenerationResult]:
     """Compress ``context`` once, then answer each question against a copy of that cache.
 
@@ -283,7 +283,8 @@ def generate_multiturn(
     context is compressed before any question is seen. Query-aware: the context is compressed
     together with the *first* question (protected, as in ``generate``); later questions reuse that
     cache with the first question's tokens evicted, so they see a context compressed for another
-    question. ``answer_prefix`` is appended after the assistant header and not part of the answer.
+    question. ``answer_prefix`` (one for all questions, or one per question) is appended after the
+    assistant header and is not part of the answer.
 
     Returns one ``GenerationResult`` per question, greedy decoding. Bytes are measured after the
     question's prefill; ``prefill_seconds`` of the first turn includes the context prefill, later
@@ -296,7 +297,11 @@ def generate_multiturn(
     if len({head for head, _ in splits}) != 1:
         raise ValueError("the chat template frames the context differently per question")
     context_row = tokenizer.encode(splits[0][0], add_special_tokens=False)
-    question_rows = [tokenizer.encode(tail + answer_prefix, add_special_tokens=False) for _, tail in splits]
+    prefixes = [answer_prefix] * len(questions) if isinstance(answer_prefix, str) else list(answer_prefix)
+    question_rows = [
+        tokenizer.encode(tail + prefix, add_special_tokens=False)
+        for (_, tail), prefix in zip(splits, prefixes, strict=True)
+    ]
     _check_length(model, tokenizer, [context_row], question_rows, max_new_tokens)
     context_ids = torch.tensor([context_row], device=device)
     eos = _eos_ids(model, tokenizer)

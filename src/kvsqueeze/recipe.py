@@ -60,6 +60,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
             raise RecipeError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.scorer is None and self.budget is not None:
+            self.scorer = self.budget.default_scorer()  # `duo` alone ranks its streaming heads itself
         if self.scorer is None and (self.ratio > 0 or self.budget is not None):
             raise RecipeError("a ratio or a budget needs a scorer to choose what to remove, e.g. snapkv@0.5")
 
@@ -75,7 +77,9 @@ class Recipe:
         return not self.evicts and self.quantizer is None
 
     def __str__(self) -> str:
-        parts = [c.spec() for c in (self.scorer, self.budget, self.quantizer) if c is not None]
+        implied = self.budget is not None and self.scorer == self.budget.default_scorer()
+        scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
+        parts = [c.spec() for c in (scorer, self.budget, self.quantizer) if c is not None]
         if not parts:
             return FULL
         return "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
@@ -127,7 +131,7 @@ class Recipe:
         private dict for the budget.
         """
         counts = self.keep_counts(context_tokens, protected)
-        inputs.budget = counts
+        inputs.budget, inputs.protected, inputs.context_tokens = counts, protected, context_tokens
         ranking, scorer_state = self.scorer.rank(inputs)
         if self.budget is not None:
             ranking, counts = self.budget.allocate(ranking, inputs, counts, state)

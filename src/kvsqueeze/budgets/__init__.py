@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from kvsqueeze.budgets.adakv import AdaKV
 from kvsqueeze.budgets.base import Budget
+from kvsqueeze.budgets.cake import CAKE
+from kvsqueeze.budgets.pyramid import PyramidKV
 
-BUDGETS: dict[str, type[Budget]] = {}
+BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (PyramidKV, AdaKV, CAKE)}
 
-__all__ = ["BUDGETS", "Budget"]
+__all__ = ["BUDGETS", "CAKE", "AdaKV", "Budget", "PyramidKV"]

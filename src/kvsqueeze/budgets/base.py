@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 
 from kvsqueeze.components import Component
-from kvsqueeze.scorers.base import ScoringInputs
+from kvsqueeze.scorers.base import Scorer, ScoringInputs
+
+if TYPE_CHECKING:
+    from kvsqueeze.cache import CompressedLayer
 
 
 class Budget(Component):
@@ -16,6 +22,9 @@ class Budget(Component):
     layers (PyramidKV, CAKE) or heads (AdaKV), or sets its own counts (DuoAttention's streaming
     heads; then ``sets_own_counts`` is True and the recipe needs no ratio). ``state`` is a dict
     private to one cache, for budgets that remember earlier layers.
+
+    Protected candidates (``inputs.protected``) are kept on top of any budget: a budget shares out
+    ``counts - protected`` and adds the protected count back.
     """
 
     kind = "budget"
@@ -26,3 +35,36 @@ class Budget(Component):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(ranking [B, Hkv, L], counts [B, Hkv])`` for this layer."""
         return ranking, counts
+
+    def rebalance(self, layers: Sequence[CompressedLayer], layer_idx: int, state: dict) -> None:
+        """Called once layer ``layer_idx`` has been compressed; may re-trim earlier layers.
+
+        ``layers`` are the cache's layers. Only budgets whose earlier decisions depend on later
+        layers (CAKE's cascading) override this; the default does nothing.
+        """
+
+    def default_scorer(self) -> Scorer | None:
+        """The scorer a recipe uses when it names this budget alone (``duo``), or None."""
+        return None
+
+
+def protected_counts(inputs: ScoringInputs) -> torch.Tensor:
+    """``[B, Hkv]`` protected candidates per head (0 when the inputs carry no protection)."""
+    if inputs.protected is None:
+        return torch.zeros(inputs.keys.shape[:2], dtype=torch.long, device=inputs.keys.device)
+    return (inputs.protected & inputs.valid).sum(-1)
+
+
+def with_protection(ranking: torch.Tensor, inputs: ScoringInputs) -> torch.Tensor:
+    """``ranking`` with protected candidates at ``+inf`` (they are always kept)."""
+    if inputs.protected is None:
+        return ranking
+    return ranking.masked_fill(inputs.protected, torch.inf)
+
+
+def context_available(inputs: ScoringInputs) -> torch.Tensor:
+    """``[B, Hkv]`` context tokens seen so far (``inputs.context_tokens``), or, for hand-built
+    inputs without it, the valid unprotected candidates of each head."""
+    if inputs.context_tokens is not None:
+        return inputs.context_tokens[:, None].expand(inputs.keys.shape[:2]).long()
+    return inputs.valid.sum(-1) - protected_counts(inputs)

@@ -123,10 +123,11 @@ def _prepare_dir(config: EvalConfig, out_dir: Path) -> set[str]:
 
 
 def _plan(config: EvalConfig, done: set[str]) -> Iterator[tuple[str, int, int, list[str]]]:
-    """(task, length, sample, recipes still to run), sample-major so partial runs stay comparable."""
-    for task in config.tasks:
-        for length in config.lengths:
-            for index in range(config.samples):
+    """(task, length, sample, recipes still to run), sample index outermost: an interrupted run
+    has every recipe on the same samples of every task and length."""
+    for index in range(config.samples):
+        for task in config.tasks:
+            for length in config.lengths:
                 todo = [
                     r for r in config.recipes if record_key(r, config.mode, task, length, index) not in done
                 ]
@@ -195,7 +196,9 @@ class _TaskRun:
             query_aware=config.query_aware,
             chunk_size=config.chunk_size,
             max_new_tokens=min(sample.max_new_tokens, config.max_new_tokens or sample.max_new_tokens),
-            answer_prefix=sample.answer_prefix,
+            answer_prefix=sample.answer_prefix
+            if isinstance(sample.answer_prefix, str)
+            else list(sample.answer_prefix),
         )
         wall = time.perf_counter() - start
         scores = [

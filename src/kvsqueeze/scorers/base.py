@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -48,6 +49,12 @@ class ScoringInputs:
         or None for stateless scorers.
     budget : ``[B, Hkv]`` tokens each head will keep (set by the recipe before scoring), for
         scorers that split their budget (H2O's heavy hitters vs recent window); None if unknown.
+    protected : ``[B, Hkv, L]`` bool of candidates kept whatever their score and not counted in the
+        budget (the question in query-aware mode; set by the recipe), or None.
+    context_tokens : ``[B]`` context tokens seen so far per row, the base of the budget (set by
+        the recipe), or None.
+    config : the model's ``PreTrainedConfig``, for budgets that depend on the model's identity
+        (DuoAttention's head profile); None for hand-built inputs.
     """
 
     keys: torch.Tensor
@@ -63,6 +70,9 @@ class ScoringInputs:
     rope_inv_freq: torch.Tensor | None = None
     previous_scores: torch.Tensor | None = None
     budget: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
+    context_tokens: torch.Tensor | None = None
+    config: Any = None
     _probs_cache: dict = field(default_factory=dict, repr=False)
 
     @property

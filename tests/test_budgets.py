@@ -1,0 +1,320 @@
+"""Each budget shares out what its paper says, on hand-built tensors and on tiny random models."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+from test_cache import KEPT_SLOTS, _kept_slots, _reference_attention, run
+from tiny_models import padded_batch, tiny_model
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from kvsqueeze.attention import install
+from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, PyramidKV
+from kvsqueeze.budgets.adakv import comparable
+from kvsqueeze.budgets.cake import layer_preference, water_fill
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.engine import prefill
+from kvsqueeze.recipe import Recipe
+from kvsqueeze.scorers import KNorm
+from kvsqueeze.scorers.base import Scorer, inputs_from_tensors
+
+D = 8
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return scale * torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def hand_inputs(length=40, kv_heads=2, n_rep=2, q=4, layer_idx=0, num_layers=1, seed=0, **kw):
+    keys = kw.pop("keys", randn(1, kv_heads, length, D, seed=seed))
+    queries = kw.pop("queries", randn(1, kv_heads * n_rep, q, D, seed=seed + 1))
+    return inputs_from_tensors(keys, queries, layer_idx=layer_idx, num_layers=num_layers, **kw)
+
+
+@dataclasses.dataclass
+class Preset(Scorer):
+    """A scorer returning fixed scores (broadcast to every batch row)."""
+
+    name = "preset"
+    values: torch.Tensor | None = None
+
+    def score(self, inputs):
+        return self.values.expand(inputs.keys.shape[:3]).clone()
+
+
+def kept_slots(keep: torch.Tensor, row: int = 0) -> list[set[int]]:
+    return [set(torch.nonzero(head).flatten().tolist()) for head in keep[row]]
+
+
+def test_registry_names_citations_and_options():
+    assert list(BUDGETS) == ["pyramid", "adakv", "cake"]
+    for name, cls in BUDGETS.items():
+        assert cls.name == name and cls.kind == "budget" and "arXiv:" in cls.citation
+        assert dataclasses.is_dataclass(cls) and cls.__doc__ and len(cls.__doc__) > 200
+    assert str(Recipe.parse("snapkv+adakv:alpha=0.1@0.8")) == "snapkv+adakv:alpha=0.1@0.8"
+    assert str(Recipe.parse("expected+pyramid:beta=4@0.75")) == "expected+pyramid:beta=4.0@0.75"
+
+
+# --- PyramidKV ----------------------------------------------------------------------------------
+
+
+def pyramid_counts(layers: int, counts: int, beta: float = 20.0, **kw) -> list[int]:
+    out = []
+    for layer in range(layers):
+        inputs = hand_inputs(layer_idx=layer, num_layers=layers, **kw)
+        ranking = torch.zeros(inputs.keys.shape[:3])
+        _, kept = PyramidKV(beta=beta).allocate(ranking, inputs, torch.full((1, 2), counts), {})
+        assert kept[0, 0] == kept[0, 1]
+        out.append(int(kept[0, 0]))
+    return out
+
+
+def test_pyramid_budgets_shrink_with_depth_and_average_the_uniform_budget():
+    # top = 2b - b/beta, bottom = b/beta, arithmetic in between (KVCache-Factory's schedule)
+    assert pyramid_counts(5, 40, length=100) == [78, 59, 40, 21, 2]
+    # the bottom layer cannot keep more than the context: it keeps it all, the mean stays b
+    assert pyramid_counts(5, 40, length=60) == [60, 50, 40, 30, 20]
+    assert pyramid_counts(5, 40, beta=1.0, length=100) == [40] * 5
+    uneven = pyramid_counts(30, 7, length=100)
+    assert sum(uneven) == 30 * 7
+    assert all(a >= b for a, b in itertools.pairwise(uneven)) and uneven[0] > uneven[-1]
+
+
+def test_pyramid_keeps_protected_tokens_on_top():
+    protected = torch.zeros(1, 2, 100, dtype=torch.bool)
+    protected[..., -3:] = True
+    assert pyramid_counts(5, 43, length=100, protected=protected, context_tokens=torch.tensor([97])) == [
+        81, 62, 43, 24, 5,
+    ]  # fmt: skip
+
+
+# --- AdaKV --------------------------------------------------------------------------------------
+
+
+def concentrated_and_dispersed(length: int = 20) -> torch.Tensor:
+    """Head 0 puts its attention on one token, head 1 spreads it evenly."""
+    ranking = torch.full((1, 2, length), 0.001)
+    ranking[0, 0, 5] = 1.0
+    ranking[0, 1] = 1.0 / length
+    return ranking
+
+
+@pytest.mark.parametrize(("alpha", "expected"), [(0.0, [1, 11]), (0.5, [3, 9]), (1.0, [6, 6])])
+def test_adakv_gives_more_to_dispersed_heads_with_a_floor(alpha, expected):
+    ranking = concentrated_and_dispersed()
+    inputs = hand_inputs(length=20)
+    counts = torch.full((1, 2), 6)
+    _, kept = AdaKV(alpha=alpha).allocate(ranking, inputs, counts, {})
+    assert kept[0].tolist() == expected
+    assert int(kept.sum()) == int(counts.sum())  # the layer's total is the uniform total
+    assert bool((kept >= math.floor(alpha * 6)).all())  # safeguard
+
+
+def test_adakv_heads_keep_their_own_best_tokens_and_protected_ones():
+    ranking = concentrated_and_dispersed()
+    ranking[0, 1, 10:] += 0.01  # head 1 prefers its second half
+    protected = torch.zeros(1, 2, 20, dtype=torch.bool)
+    protected[..., 18:] = True
+    recipe = Recipe(scorer=Preset(values=ranking), ratio=0.7, budget=AdaKV(alpha=0.0))
+    inputs = hand_inputs(length=20)
+    keep, _ = recipe.select(inputs, torch.tensor([18]), protected, {})
+    per_head = kept_slots(keep)
+    # uniform budget ceil(0.3 * 18) = 6 per head -> 12 for the layer, + 2 protected per head
+    assert per_head[0] == {5, 18, 19}
+    # head 1 spreads its attention: 11 of the 12, its best ones (ties go to recent tokens)
+    assert per_head[1] == set(range(7, 20))
+
+
+def test_adakv_makes_signed_scores_comparable():
+    spread = -10.0 - 0.01 * torch.arange(20.0)
+    peaked = torch.full((20,), -2.0)
+    peaked[0] = -1.0
+    ranking = torch.stack([spread, peaked])[None]
+    valid = torch.ones(1, 2, 20, dtype=torch.bool)
+    normalised = comparable(ranking, valid)
+    assert bool((normalised >= 0).all())
+    torch.testing.assert_close(normalised.sum(-1), torch.ones(1, 2))
+    inputs = hand_inputs(length=20)
+    _, kept = AdaKV(alpha=0.0).allocate(ranking, inputs, torch.full((1, 2), 6), {})
+    # raw, every score of head 1 beats every score of head 0; on one scale head 0 keeps the
+    # most, as its scores are spread while head 1's sit on one token
+    assert kept[0].tolist() == [11, 1]
+    attention_like = concentrated_and_dispersed()
+    assert torch.equal(comparable(attention_like, valid), attention_like)
+
+
+# --- CAKE ---------------------------------------------------------------------------------------
+
+
+def static_and_focused(length=40, q=4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and queries whose window attention sits on token 3 for every query (no entropy, no shift)."""
+    keys = randn(1, 2, length, D, seed=5, scale=0.1)
+    keys[..., 3, 0] = 8.0
+    queries = torch.zeros(1, 4, q, D)
+    queries[..., 0] = 8.0
+    return keys, queries
+
+
+def test_cake_preference_grows_with_dispersion_and_shift():
+    keys, queries = static_and_focused()
+    focused = layer_preference(hand_inputs(keys=keys, queries=queries), window=4, tau1=1.0, tau2=1.0)
+    spread = layer_preference(hand_inputs(seed=3), window=4, tau1=1.0, tau2=1.0)
+    assert float(focused[0]) < 1e-6 < 1e-3 < float(spread[0])
+
+
+def test_water_fill_is_proportional_within_bounds():
+    prefs = torch.tensor([[1.0, 3.0]])
+    zero = torch.zeros(1, 2)
+    assert water_fill(prefs, zero, torch.tensor([[100.0, 100.0]]), torch.tensor([40])).tolist() == [[10, 30]]
+    assert water_fill(prefs, zero, torch.tensor([[100.0, 20.0]]), torch.tensor([40])).tolist() == [[20, 20]]
+    assert water_fill(
+        prefs, torch.tensor([[15.0, 0.0]]), torch.tensor([[100.0, 100.0]]), torch.tensor([40])
+    ).tolist() == [[15, 25]]
+    shares = water_fill(
+        torch.tensor([[1.0, 1.0, 1.0]]), torch.zeros(1, 3), torch.full((1, 3), 50.0), torch.tensor([100])
+    )
+    assert shares.sum() == 100 and shares.max() - shares.min() <= 1
+
+
+def compress_by_hand(cache, layer_idx, keys, queries, num_layers):
+    """What ``attention.compress_layer`` does, for hand-made keys and queries (one row, no padding)."""
+    cache.update(keys, keys.clone(), layer_idx)
+    layer = cache.layers[layer_idx]
+    view = layer.view()
+    inputs = hand_inputs(keys=view.keys, queries=queries, layer_idx=layer_idx, num_layers=num_layers)
+    layer.context_seen += keys.shape[2]
+    protected = torch.zeros(view.slots.shape, dtype=torch.bool)
+    keep, state = cache.recipe.select(inputs, layer.context_seen, protected, cache.budget_state)
+    layer.keep(view, keep, state)
+    cache.recipe.budget.rebalance(cache.layers, layer_idx, cache.budget_state)
+
+
+def test_cake_gives_more_to_the_dispersed_layer_and_trims_earlier_layers_in_cascade():
+    cache = CompressedCache(Recipe(scorer=KNorm(), ratio=0.5, budget=CAKE(window=4)))
+    keys, queries = static_and_focused()
+    compress_by_hand(cache, 0, keys, queries, num_layers=2)
+    # alone so far, layer 0 may use the whole total (2 layers x 20): it keeps all 40 tokens
+    assert cache.layers[0].lengths.tolist() == [[40, 40]]
+    compress_by_hand(cache, 1, randn(1, 2, 40, D, seed=7), randn(1, 4, 4, D, seed=8), num_layers=2)
+    held = [layer.lengths[0].tolist() for layer in cache.layers]
+    # layer 0 (no dispersion, no shift) is cut back to its floor, min(window, budget) = 4
+    assert held == [[4, 4], [36, 36]]
+    assert sum(h[0] for h in held) == 2 * 20  # the total is the uniform one
+    # the re-trim kept layer 0's best tokens by the ranking it was selected with (KNorm: small keys)
+    norms = keys.norm(dim=-1)[0]
+    for head in range(2):
+        expected = set(torch.argsort(norms[head])[:4].tolist())
+        assert set(cache.layers[0].view().slots[0, head].tolist()) == expected
+
+
+def test_cake_never_holds_more_than_the_total_after_a_layer(monkeypatch):
+    model = install(tiny_model("llama", layers=4))
+    ids, mask = padded_batch([64])
+    recipe = Recipe.parse("snapkv:window=8+cake:window=8@0.75")
+    totals = []
+    original = CAKE.rebalance
+
+    def spy(self, layers, layer_idx, state):
+        original(self, layers, layer_idx, state)
+        held = sum(int(layer.lengths.amax()) for layer in layers if layer.is_initialized)
+        totals.append((held, 4 * int(state["cake"]["budget"][0])))
+
+    monkeypatch.setattr(CAKE, "rebalance", spy)
+    for chunk in (None, 16):
+        cache = CompressedCache(recipe)
+        totals.clear()
+        with torch.no_grad():
+            prefill(model, cache, ids, mask, chunk)
+        budget = math.ceil(0.25 * 64)
+        assert len(totals) == 4 * (1 if chunk is None else 4)
+        assert all(held <= total for held, total in totals)
+        kept = [int(layer.lengths.amax()) for layer in cache.layers]
+        if chunk is None:
+            assert sum(kept) == 4 * budget and len(set(kept)) > 1
+        else:
+            assert sum(kept) <= 4 * budget
+
+
+# --- on tiny random models: real ragged storage, decode against a masked dense reference --------
+
+
+def assert_matches_masked_reference(model, recipe: Recipe, ids, mask) -> CompressedCache:
+    """Decode with ``recipe``; then decode again over a full cache with exactly what each
+    (layer, row, head) kept masked in; the logits must agree (see test_cache)."""
+    install(model)
+    cache = CompressedCache(recipe)
+    with torch.no_grad():
+        compressed = run(model, cache, ids, mask)
+    KEPT_SLOTS.clear()
+    KEPT_SLOTS.update(_kept_slots(cache, ids.shape[1]))
+    AttentionInterface.register("kvsq_reference", _reference_attention)
+    AttentionMaskInterface.register(
+        "kvsq_reference", lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False})
+    )
+    model.set_attn_implementation("kvsq_reference")
+    with torch.no_grad():
+        reference = run(model, DynamicCache(config=model.config), ids, mask)
+    install(model)
+    torch.testing.assert_close(compressed, reference, atol=1e-5, rtol=0)
+    return cache
+
+
+def stored_bytes(cache: CompressedCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
+
+
+def test_adakv_ragged_heads_decode_like_a_masked_reference():
+    model = tiny_model("llama")
+    ids, mask = padded_batch([40, 29], seed=4)
+    cache = assert_matches_masked_reference(model, Recipe.parse("snapkv:window=4+adakv@0.5"), ids, mask)
+    lengths = [layer.lengths for layer in cache.layers]
+    assert any(len(set(kept[row].tolist())) > 1 for kept in lengths for row in range(2))  # ragged heads
+    uniform = CompressedCache(Recipe.parse("snapkv:window=4@0.5"))
+    with torch.no_grad():
+        run(model, uniform, ids, mask)
+    # same number of tokens as uniform, so the same bytes; both well under the full cache
+    assert cache.tokens_kept() == uniform.tokens_kept()
+    assert cache.nbytes() == stored_bytes(cache) == uniform.nbytes() < 0.7 * cache.nbytes_full()
+
+
+@pytest.mark.parametrize(
+    "recipe", ["snapkv:window=4+pyramid:beta=4@0.5", "snapkv:window=4+cake:window=4@0.5"]
+)
+def test_layer_budgets_decode_like_a_masked_reference(recipe):
+    model = tiny_model("llama", layers=3)
+    ids, mask = padded_batch([40, 29], seed=4)
+    cache = assert_matches_masked_reference(model, Recipe.parse(recipe), ids, mask)
+    per_layer = [int(layer.lengths[0].amax()) - 3 for layer in cache.layers]  # minus 3 decode tokens
+    assert len(set(per_layer)) > 1 and sum(per_layer) == 3 * 20
+    assert cache.nbytes() == stored_bytes(cache)
+
+
+# --- the embedded model -------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("query_aware", [True])
+def test_passkey_with_snapkv_adakv(real_model, query_aware):
+    from test_real_model import passkey_context
+
+    from kvsqueeze.demo import contains_answer
+    from kvsqueeze.engine import generate
+
+    model, tokenizer = real_model
+    context = passkey_context(30571, 0.5)
+    result = generate(
+        model,
+        tokenizer,
+        context,
+        "What is the pass key?",
+        "snapkv+adakv@0.75",
+        query_aware=query_aware,
+        max_new_tokens=12,
+    )
+    assert contains_answer(result.answer, "30571"), result.answer
+    assert 0.70 < result.compression_ratio < 0.75
