@@ -44,3 +44,12 @@ def test_chunked_prefill_keeps_the_answer_and_bounds_memory(real_model):
         model, tokenizer, context, "What is the pass key?", "full", chunk_size=256, max_new_tokens=12
     )
     assert chunked.answer == one_shot.answer
+
+
+@pytest.mark.parametrize("recipe", ["kivi2", "kivi4"])
+def test_passkey_with_kivi_quantization(real_model, recipe):
+    model, tokenizer = real_model
+    context = passkey_context(30571, 0.5)
+    result = generate(model, tokenizer, context, "What is the pass key?", recipe, max_new_tokens=12)
+    assert contains_answer(result.answer, "30571"), result.answer
+    assert result.kv_bytes < result.kv_bytes_full / 4  # fp32 model; see the 16-bit ratio in benchmarks

@@ -21,6 +21,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze import ragged
 from kvsqueeze.compat import rope_inverse_frequencies
+from kvsqueeze.quantized_store import QuantizedBody
+from kvsqueeze.quantizers.base import RESIDUAL_DTYPE, Quantizer
 
 if TYPE_CHECKING:
     from kvsqueeze.recipe import Recipe
@@ -30,9 +32,11 @@ if TYPE_CHECKING:
 class LayerView:
     """Transient padded view of one layer, handed from ``update`` to the attention hook.
 
-    ``keys``/``values`` are ``[B, Hkv, L, D]``; ``slots`` ``[B, Hkv, L]`` (``-1`` = padding);
-    ``scores`` ``[B, Hkv, L]`` or None; ``is_prefix`` is True when every head holds exactly the
-    slots ``0..L-1`` (nothing evicted), so the model's own mask applies unchanged.
+    ``keys``/``values`` are ``[B, Hkv, L, D]`` in the model's dtype (quantized tokens
+    dequantized); ``slots`` ``[B, Hkv, L]`` (``-1`` = padding); ``scores`` ``[B, Hkv, L]`` or
+    None; per head the ``body_lengths [B, Hkv]`` first entries are quantized tokens. ``is_prefix``
+    is True when every head holds exactly the slots ``0..L-1`` (nothing evicted), so the model's
+    own mask applies unchanged.
     """
 
     layer: CompressedLayer
@@ -40,11 +44,17 @@ class LayerView:
     values: torch.Tensor
     slots: torch.Tensor
     scores: torch.Tensor | None
+    body_lengths: torch.Tensor
     is_prefix: bool
 
 
 class CompressedLayer(CacheLayerMixin):
-    """One decoder layer's ragged storage (see module docstring)."""
+    """One decoder layer's ragged storage (see module docstring).
+
+    ``keys``/``values``/``slots``/``scores`` hold each head's tokens in full precision; with a
+    quantizer in the recipe they hold only the recent window (in 16 bits) and ``body`` holds the
+    older tokens, quantized (``kvsqueeze.quantized_store``).
+    """
 
     is_compileable = False
     is_croppable = False
@@ -59,15 +69,23 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.context_seen: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
+        self.body: QuantizedBody | None = None
+
+    @property
+    def quantizer(self) -> Quantizer | None:
+        return None if self.cache.recipe is None else self.cache.recipe.quantizer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty((0, dim))
-        self.values = value_states.new_empty((0, value_states.shape[-1]))
+        storage = self.dtype if self.quantizer is None else RESIDUAL_DTYPE
+        self.keys = key_states.new_empty((0, dim), dtype=storage)
+        self.values = value_states.new_empty((0, value_states.shape[-1]), dtype=storage)
         self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=self.device)
         self.context_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.offsets = torch.zeros(batch, dtype=torch.long, device=self.device)
+        if self.quantizer is not None:
+            self.body = QuantizedBody(self.quantizer, batch, heads, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -89,31 +107,87 @@ class CompressedLayer(CacheLayerMixin):
         view.keys.kvsqueeze_view = view
         return view.keys, view.values
 
+    def _body_lengths(self) -> torch.Tensor:
+        return torch.zeros_like(self.lengths) if self.body is None else self.body.lengths
+
+    def _with_body(self, recent: torch.Tensor, name: str) -> torch.Tensor:
+        """Per head, the quantized body's ``name`` entries then the recent window's: packed."""
+        if self.body is None or not self.body.tokens:
+            return recent
+        return ragged.concat(self.body.tokens[name].to(recent.dtype), self.body.lengths, recent, self.lengths)
+
     def view(self) -> LayerView:
-        """The padded ``[B, Hkv, L, D]`` view of what this layer holds."""
+        """The padded ``[B, Hkv, L, D]`` view of what this layer holds (quantized tokens first)."""
+        lengths = self.lengths + self._body_lengths()
         if self.slots is None:
             slots = torch.arange(self.seen, device=self.device).expand(*self.lengths.shape, self.seen)
         else:
-            slots = ragged.pad(self.slots, self.lengths, fill=-1).long()
-        scores = None if self.scores is None else ragged.pad(self.scores, self.lengths)
+            slots = ragged.pad(self._with_body(self.slots, "slots"), lengths, fill=-1).long()
+        scores = None if self.scores is None else ragged.pad(self._with_body(self.scores, "scores"), lengths)
+        if self.body is not None and self.body.tokens:
+            older_keys, older_values = self.body.dequantized()
+            keys = ragged.concat(older_keys.to(self.dtype), self.body.lengths, self.keys, self.lengths)
+            values = ragged.concat(older_values.to(self.dtype), self.body.lengths, self.values, self.lengths)
+        else:
+            keys, values = self.keys.to(self.dtype), self.values.to(self.dtype)
         return LayerView(
             layer=self,
-            keys=ragged.pad(self.keys, self.lengths),
-            values=ragged.pad(self.values, self.lengths),
+            keys=ragged.pad(keys, lengths),
+            values=ragged.pad(values, lengths),
             slots=slots,
             scores=scores,
+            body_lengths=self._body_lengths(),
             is_prefix=self.slots is None,
         )
 
     def keep(self, view: LayerView, keep: torch.Tensor, scores: torch.Tensor | None) -> None:
-        """Replace storage by the ``keep [B, Hkv, L]`` subset of ``view`` (and new scorer state)."""
-        self.scores = None if scores is None else ragged.pack(scores.float(), keep)
-        if bool((keep == (view.slots >= 0)).all()):
+        """Replace storage by the ``keep [B, Hkv, L]`` subset of ``view`` (and new scorer state).
+
+        Quantized tokens keep their codes (no re-quantization); recent ones are copied back.
+        """
+        in_body = torch.arange(keep.shape[-1], device=keep.device) < view.body_lengths[..., None]
+        recent = (view.slots >= 0) & ~in_body
+        evicted = not bool((keep == (view.slots >= 0)).all())
+        if self.body is not None and self.body.tokens:
+            if scores is not None:
+                self.body.tokens["scores"] = scores[in_body].float()
+            if evicted:
+                if self.slots is None:
+                    self.body.tokens["slots"] = view.slots[in_body].to(torch.int32)
+                self.body.keep(keep[in_body])
+        if not evicted:
+            self.scores = None if scores is None else scores[recent].float()
             return
-        self.keys = ragged.pack(view.keys, keep)
-        self.values = ragged.pack(view.values, keep)
-        self.slots = ragged.pack(view.slots.to(torch.int32), keep)
-        self.lengths = keep.sum(-1)
+        kept = keep & recent
+        self.keys = view.keys[kept].to(self.keys.dtype)
+        self.values = view.values[kept].to(self.values.dtype)
+        self.slots = view.slots[kept].to(torch.int32)
+        self.scores = None if scores is None else scores[kept].float()
+        self.lengths = kept.sum(-1)
+
+    def settle(self) -> None:
+        """Quantize, ``group_size`` at a time, the oldest tokens beyond each head's recent window."""
+        if self.body is None:
+            return
+        group, window = self.body.quantizer.group_size, self.body.quantizer.residual
+        moving_counts = (self.lengths - window).clamp(min=0) // group * group
+        if not bool(moving_counts.any()):
+            return
+        longest = int(self.lengths.max())
+        moving = ragged.occupancy(moving_counts, longest)
+        staying = ragged.occupancy(self.lengths, longest) & ~moving
+        fields = {name: ragged.pad(t, self.lengths) for name, t in self.token_tensors().items()}
+        extra = {name: fields[name][moving] for name in ("slots", "scores") if name in fields}
+        self.body.append(
+            fields["keys"][moving].float(), fields["values"][moving].float(), extra, moving_counts
+        )
+        for name, padded in fields.items():
+            setattr(self, name, padded[staying])
+        self.lengths = self.lengths - moving_counts
+
+    def token_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-token tensors of the recent (unquantized) part, by name."""
+        return {name: getattr(self, name) for name in self.TOKEN_FIELDS if getattr(self, name) is not None}
 
     def nbytes(self) -> int:
         """Bytes held at rest by this layer (keys, values, slots, scorer state, lengths)."""
@@ -122,7 +196,7 @@ class CompressedLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tokens_kept(self) -> int:
-        return 0 if not self.is_initialized else int(self.lengths.sum())
+        return 0 if not self.is_initialized else int((self.lengths + self._body_lengths()).sum())
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -141,14 +215,12 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         index = index.to(self.device)
-        lengths = self.lengths[index]
-        keep = ragged.occupancy(lengths, int(lengths.max()) if lengths.numel() else 0)
-        for name in self.TOKEN_FIELDS:
-            packed = getattr(self, name)
-            if packed is not None:
-                setattr(self, name, ragged.pack(ragged.pad(packed, self.lengths)[index], keep))
+        for name, packed in self.token_tensors().items():
+            setattr(self, name, ragged.select_rows(packed, self.lengths, index))
         for name in self.ROW_FIELDS:
             setattr(self, name, getattr(self, name)[index])
+        if self.body is not None:
+            self.body.select_rows(index)
 
     TOKEN_FIELDS = ("keys", "values", "slots", "scores")
     ROW_FIELDS = ("lengths", "context_seen", "offsets")
@@ -156,34 +228,60 @@ class CompressedLayer(CacheLayerMixin):
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer holds, by name (what ``nbytes`` counts and a store saves)."""
         names = self.TOKEN_FIELDS + self.ROW_FIELDS
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        named = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.body is not None:
+            named.update({f"body.{name}": t for name, t in self.body.tensors().items()})
+        return named
 
-    def load(self, tensors: dict[str, torch.Tensor], seen: int) -> None:
-        """Restore what ``tensors()`` returned (and the true length ``seen``)."""
+    def load(self, tensors: dict[str, torch.Tensor], seen: int, dtype: torch.dtype) -> None:
+        """Restore what ``tensors()`` returned, the true length ``seen`` and the model's dtype."""
         for name in self.TOKEN_FIELDS + self.ROW_FIELDS:
             setattr(self, name, tensors.get(name))
-        self.dtype, self.device = self.keys.dtype, self.keys.device
+        body = {key.removeprefix("body."): t for key, t in tensors.items() if key.startswith("body.")}
+        if body and self.quantizer is None:
+            raise ValueError("quantized tensors found, but the recipe has no quantizer")
+        self.body = QuantizedBody.from_tensors(self.quantizer, body) if body else None
+        self.dtype, self.device = dtype, self.keys.device
         self.seen = seen
         self.is_initialized = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the stored tensors do not describe a consistent layer."""
         total = int(self.lengths.sum())
-        for name in self.TOKEN_FIELDS:
-            packed = getattr(self, name)
-            if packed is not None and packed.shape[0] != total:
+        for name, packed in self.token_tensors().items():
+            if packed.shape[0] != total:
                 raise ValueError(f"{name} holds {packed.shape[0]} tokens, lengths say {total}")
-        if self.slots is None and bool((self.lengths != self.seen).any()):
+        if self.body is not None:
+            self.body.validate()
+            if self.body.tokens and ("slots" in self.body.tokens) != (self.slots is not None):
+                raise ValueError("quantized and recent tokens disagree on whether slots are stored")
+        if self.slots is None and bool((self.lengths + self._body_lengths() != self.seen).any()):
             raise ValueError("a layer without stored slots must hold every token it has seen")
         if self.slots is not None and total and int(self.slots.max()) >= self.seen:
             raise ValueError("a stored slot lies beyond the layer's length")
 
-    def materialized_slots(self) -> torch.Tensor:
-        """Packed int32 slots, built from the implied ``0..seen-1`` when not stored yet."""
+    def ensure_slots(self) -> None:
+        """Store the implied slots (``0..seen-1`` per head) explicitly, before rows are shifted."""
         if self.slots is not None:
-            return self.slots
-        batch, heads = self.lengths.shape
-        return torch.arange(self.seen, dtype=torch.int32, device=self.device).repeat(batch * heads)
+            return
+        rows = self.lengths.numel()
+        quantized = int(self._body_lengths().flatten()[0]) if rows else 0
+        if self.body is not None and self.body.tokens:
+            self.body.tokens["slots"] = torch.arange(quantized, dtype=torch.int32, device=self.device).repeat(
+                rows
+            )
+        self.slots = torch.arange(quantized, self.seen, dtype=torch.int32, device=self.device).repeat(rows)
+
+    def shift_rows(self, shift: int) -> None:
+        """Move every slot by ``shift`` (and ``seen``, ``offsets``): the gap holds nothing."""
+        if not shift:
+            return
+        self.ensure_slots()
+        self.slots = self.slots + shift
+        if self.body is not None and "slots" in self.body.tokens:
+            self.body.tokens["slots"] = self.body.tokens["slots"] + shift
+        self.offsets = self.offsets + shift
+        self.seen += shift
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -296,13 +394,9 @@ class CompressedCache(Cache):
         for layer in self.layers:
             for row, cache in enumerate(rows):
                 single = CompressedLayer(cache)
-                single.load(layer.tensors(), layer.seen)
+                single.load(layer.tensors(), layer.seen, layer.dtype)
                 single._select_batch(torch.tensor([row]))
-                shift = int(single.offsets[0])
-                if shift:
-                    single.slots = single.slots - shift
-                    single.seen -= shift
-                    single.offsets.zero_()
+                single.shift_rows(-int(single.offsets[0]))
                 cache.layers.append(single)
         return rows
 
@@ -311,7 +405,11 @@ class CompressedCache(Cache):
         tensors = {
             f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.tensors().items()
         }
-        meta = {"recipe": str(self.recipe or "full"), "seen": [layer.seen for layer in self.layers]}
+        meta = {
+            "recipe": str(self.recipe or "full"),
+            "seen": [layer.seen for layer in self.layers],
+            "dtype": str(self.kv_dtype).removeprefix("torch."),
+        }
         return tensors, meta
 
     @classmethod
@@ -320,37 +418,36 @@ class CompressedCache(Cache):
         from kvsqueeze.recipe import Recipe
 
         cache = cls(Recipe.parse(meta["recipe"]))
+        dtype = getattr(torch, meta["dtype"])
         for index, seen in enumerate(meta["seen"]):
             prefix = f"{index}."
             fields = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
             layer = CompressedLayer(cache)
-            layer.load(fields, seen)
+            layer.load(fields, seen, dtype)
             layer.validate()
             cache.layers.append(layer)
         return cache
 
 
 def _stack_layers(cache: CompressedCache, layers: list[CompressedLayer]) -> CompressedLayer:
+    """Rows of ``layers`` one after another, shifted so that they all end at the same slot.
+
+    Shifting stores the implied slots of the source layers (``ensure_slots``).
+    """
     seen = max(layer.seen for layer in layers)
-    aligned = all(layer.seen == seen for layer in layers)
-    tensors = {}
-    for name in CompressedLayer.TOKEN_FIELDS:
-        parts = [getattr(layer, name) for layer in layers]
-        if name == "slots":
-            if aligned and all(part is None for part in parts):
-                continue
-            parts = [layer.materialized_slots() + (seen - layer.seen) for layer in layers]
-        elif all(part is None for part in parts):
-            continue
-        elif name == "scores":
-            parts = [
-                layer.keys.new_zeros(layer.keys.shape[0], dtype=torch.float) if p is None else p
-                for layer, p in zip(layers, parts, strict=True)
-            ]
-        tensors[name] = torch.cat(parts)
-    for name in CompressedLayer.ROW_FIELDS:
-        tensors[name] = torch.cat([getattr(layer, name) for layer in layers])
-    tensors["offsets"] = torch.cat([layer.offsets + (seen - layer.seen) for layer in layers])
+    if any(layer.seen != seen or layer.slots is not None for layer in layers):
+        for layer in layers:
+            layer.ensure_slots()
+    named = []
+    for layer in layers:
+        tensors = layer.tensors()
+        shift = seen - layer.seen
+        for name in ("slots", "body.token.slots", "offsets"):
+            if shift and name in tensors:
+                tensors[name] = tensors[name] + shift
+        named.append(tensors)
+    if len({frozenset(tensors) for tensors in named}) > 1:
+        raise ValueError("cannot stack layers that hold different tensors (different scorer state?)")
     stacked = CompressedLayer(cache)
-    stacked.load(tensors, seen)
+    stacked.load({name: torch.cat([t[name] for t in named]) for name in named[0]}, seen, layers[0].dtype)
     return stacked

@@ -44,11 +44,31 @@ def occupancy(lengths: torch.Tensor, longest: int) -> torch.Tensor:
     return torch.arange(longest, device=lengths.device) < lengths[..., None]
 
 
+def select_rows(packed: torch.Tensor, lengths: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Packed tensor of batch rows ``index`` (any order, repeats allowed) of ``packed``."""
+    padded = pad(packed, lengths)[index]
+    return pack(padded, occupancy(lengths[index], padded.shape[2]))
+
+
 def pack(padded: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Padded ``[B, H, L, *F]`` and keep mask ``[B, H, L]`` -> packed ``[N, *F]`` (order preserved)."""
     if bool(keep.all()):
         return padded.reshape(-1, *padded.shape[3:]).clone()
     return padded[keep]
+
+
+def concat(
+    first: torch.Tensor, first_lengths: torch.Tensor, second: torch.Tensor, second_lengths: torch.Tensor
+):
+    """Per head, ``first``'s tokens then ``second``'s: packed ``[N1 + N2, *F]`` in head order."""
+    total = (first_lengths + second_lengths).flatten()
+    starts = torch.cumsum(total, 0) - total
+    out = first.new_empty((first.shape[0] + second.shape[0], *first.shape[1:]))
+    segment, within = _segment_layout(first_lengths)
+    out[starts[segment] + within] = first
+    segment, within = _segment_layout(second_lengths)
+    out[starts[segment] + first_lengths.flatten()[segment] + within] = second.to(first.dtype)
+    return out
 
 
 def append(packed: torch.Tensor, lengths: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -61,13 +81,5 @@ def append(packed: torch.Tensor, lengths: torch.Tensor, new: torch.Tensor) -> to
     if is_uniform(lengths):
         dense = pad(packed, lengths)
         return torch.cat([dense, new.to(packed.dtype)], dim=2).reshape(-1, *feature)
-    flat = lengths.flatten()
-    total = packed.shape[0] + batch * heads * q_len
-    out = packed.new_empty((total, *feature))
-    segment, _ = _segment_layout(lengths)
-    # each earlier head grew by q tokens, so an old token moves by q per preceding head
-    out[torch.arange(packed.shape[0], device=packed.device) + q_len * segment] = packed
-    new_starts = torch.cumsum(flat + q_len, 0) - q_len
-    dest = new_starts[:, None] + torch.arange(q_len, device=packed.device)
-    out[dest.flatten()] = new.reshape(batch * heads * q_len, *feature).to(packed.dtype)
-    return out
+    new_lengths = torch.full_like(lengths, q_len)
+    return concat(packed, lengths, new.reshape(batch * heads * q_len, *feature), new_lengths)

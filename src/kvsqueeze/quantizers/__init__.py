@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvsqueeze.quantizers.base import Quantizer
+from kvsqueeze.quantizers.kivi import KIVI2, KIVI4
 
-QUANTIZERS: dict[str, type[Quantizer]] = {}
+QUANTIZERS: dict[str, type[Quantizer]] = {cls.name: cls for cls in (KIVI2, KIVI4)}
 
-__all__ = ["QUANTIZERS", "Quantizer"]
+__all__ = ["KIVI2", "KIVI4", "QUANTIZERS", "Quantizer"]

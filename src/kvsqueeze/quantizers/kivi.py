@@ -1,0 +1,93 @@
+"""KIVI: keys quantized per channel, values per token, a full-precision window of recent tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsqueeze.quantizers.base import Quantizer
+from kvsqueeze.quantizers.packing import dequantize, pack_codes, quantize, unpack_codes
+
+
+@dataclass
+class KIVI(Quantizer):
+    """Asymmetric ``bits``-bit KV quantization with KIVI's grouping, codes packed 8/bits per byte.
+
+    Keys: one (scale, min) per channel for each group of ``group_size`` consecutive tokens of a
+    head (key outliers live in fixed channels). Values: one (scale, min) per token for each group
+    of ``group_size`` channels. The ``residual`` most recent tokens of each head stay in 16-bit
+    floats. Scales and minimums are 16-bit. Eviction drops a token's codes; its group keeps its
+    scales, so eviction and quantization compose without re-quantizing.
+
+    Parameters
+    ----------
+    bits : 2 or 4.
+    group_size : tokens per key group, and channels per value group.
+    residual : recent tokens per head kept in 16-bit floats.
+    """
+
+    name = "kivi"
+    citation = (
+        "Liu et al., 2024. KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache. arXiv:2402.02750"
+    )
+
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 32
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"KIVI packs 2, 4 or 8 bits per code, not {self.bits}")
+        if self.group_size < 1 or self.residual < 0:
+            raise ValueError("group_size must be >= 1 and residual >= 0")
+
+    def _value_groups(self, dim: int) -> int:
+        return self.group_size if dim % self.group_size == 0 else dim
+
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+        tokens, dim = keys.shape
+        key_codes, key_scale, key_min = quantize(keys.reshape(-1, self.group_size, dim), self.bits, dim=1)
+        value_group = self._value_groups(values.shape[-1])
+        value_codes, value_scale, value_min = quantize(
+            values.reshape(tokens, -1, value_group), self.bits, dim=-1
+        )
+        per_token = {
+            "key_codes": pack_codes(key_codes.reshape(tokens, dim), self.bits),
+            "value_codes": pack_codes(value_codes.reshape(tokens, -1), self.bits),
+            "value_scale": value_scale.squeeze(-1),
+            "value_min": value_min.squeeze(-1),
+        }
+        return per_token, {"key_scale": key_scale.squeeze(1), "key_min": key_min.squeeze(1)}
+
+    def decode(
+        self, per_token: dict, per_group: dict, group_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key_scale = per_group["key_scale"].repeat_interleave(group_sizes, dim=0)
+        key_min = per_group["key_min"].repeat_interleave(group_sizes, dim=0)
+        keys = dequantize(unpack_codes(per_token["key_codes"], self.bits), key_scale, key_min)
+        value_codes = unpack_codes(per_token["value_codes"], self.bits)
+        tokens, dim = value_codes.shape
+        value_group = self._value_groups(dim)
+        values = dequantize(
+            value_codes.reshape(tokens, -1, value_group),
+            per_token["value_scale"][..., None],
+            per_token["value_min"][..., None],
+        )
+        return keys, values.reshape(tokens, dim)
+
+
+@dataclass
+class KIVI2(KIVI):
+    """KIVI at 2 bits (four codes per byte)."""
+
+    name = "kivi2"
+    bits: int = 2
+
+
+@dataclass
+class KIVI4(KIVI):
+    """KIVI at 4 bits (two codes per byte)."""
+
+    name = "kivi4"
+    bits: int = 4

@@ -1,0 +1,140 @@
+"""Packed KIVI storage: exact packing, bounded error, real bytes, composition with eviction."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_cache import fixed_recipe, run
+from tiny_models import padded_batch, tiny_model
+
+from kvsqueeze.attention import install
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.engine import prefill
+from kvsqueeze.quantizers import KIVI2, KIVI4
+from kvsqueeze.quantizers.packing import dequantize, pack_codes, quantize, unpack_codes
+from kvsqueeze.recipe import Recipe
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip_is_exact(bits):
+    codes = torch.randint(0, 1 << bits, (7, 3, 64), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 3, 64 * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantization_error_within_half_a_step(bits):
+    x = torch.randn(50, 32, 64) * torch.linspace(0.1, 10, 64)
+    codes, scale, low = quantize(x, bits, dim=1)
+    error = (dequantize(codes, scale, low) - x).abs()
+    step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / ((1 << bits) - 1)
+    # half a step, plus the 16-bit rounding of the scale (times the largest code) and of the minimum
+    bound = step / 2 + step * ((1 << bits) - 1) * 2**-10 + x.abs().amax(1, keepdim=True) * 2**-10
+    assert bool((error <= bound).all())
+    assert error.max() > step.min() / 8  # the bound is not vacuous: there is real quantization error
+
+
+def test_kivi_groups_keys_per_channel_and_values_per_token():
+    quantizer = KIVI2(group_size=4)
+    keys = torch.randn(8, 8)
+    keys[:, 3] *= 100  # an outlier channel: per-channel grouping confines its range to channel 3
+    per_token, per_group = quantizer.encode(keys, torch.randn(8, 8))
+    assert per_group["key_scale"].shape == (2, 8) and per_token["value_scale"].shape == (8, 2)
+    assert per_group["key_scale"][:, 3].min() > 10 * per_group["key_scale"][:, [0, 1, 2, 4]].max()
+    decoded, _ = quantizer.decode(per_token, per_group, torch.tensor([4, 4]))
+    ranges = keys.reshape(2, 4, 8).amax(1) - keys.reshape(2, 4, 8).amin(1)
+    assert bool(((decoded - keys).abs().reshape(2, 4, 8) <= ranges[:, None] / 6 + 1e-2).all())
+
+
+def held_bytes(cache: CompressedCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
+
+
+def kivi_theoretical_bytes(layers, heads, quantized, recent, dim, bits, group, with_slots):
+    """codes + 16-bit scales/minimums + 16-bit recent window + int32 slots, per the KIVI layout."""
+    codes = 2 * quantized * dim * bits / 8
+    key_scales = 2 * math.ceil(quantized / group) * dim * 2
+    value_scales = 2 * quantized * (dim // group if dim % group == 0 else 1) * 2
+    window = 2 * recent * dim * 2
+    slots = 4 * (quantized + recent) if with_slots else 0
+    return layers * heads * (codes + key_scales + value_scales + window + slots)
+
+
+@pytest.mark.parametrize(("recipe", "kept", "quantized"), [("kivi2", 70, 64), ("snapkv+kivi4@0.5", 35, 24)])
+def test_real_bytes_match_codes_scales_window_and_indices(recipe, kept, quantized):
+    model = install(tiny_model("llama"))
+    ids, mask = padded_batch([70])
+    parsed = Recipe.parse(recipe.replace("snapkv", "snapkv:window=4"))
+    parsed.quantizer.group_size, parsed.quantizer.residual = 8, 4
+    cache = CompressedCache(parsed)
+    with torch.no_grad():
+        prefill(model, cache, ids, mask)
+    layer = cache.layers[0]
+    assert layer.body.lengths.unique().tolist() == [quantized]
+    assert layer.lengths.unique().tolist() == [kept - quantized]
+    assert cache.nbytes() == held_bytes(cache)
+    theory = kivi_theoretical_bytes(
+        2, 2, quantized, kept - quantized, 16, parsed.quantizer.bits, 8, with_slots="snapkv" in recipe
+    )
+    assert abs(cache.nbytes() / theory - 1) < 0.05
+    assert cache.nbytes() < cache.nbytes_full(torch.float16) / 2  # head_dim 16: scales weigh a lot
+
+
+def quantized_codes_by_head_and_slot(body) -> dict[tuple[int, int], torch.Tensor]:
+    heads = torch.repeat_interleave(torch.arange(body.lengths.numel()), body.lengths.flatten())
+    pairs = zip(heads.tolist(), body.tokens["slots"].tolist(), strict=True)
+    return dict(zip(pairs, body.tokens["key_codes"], strict=True))
+
+
+def test_quantized_tokens_survive_later_eviction_without_requantization():
+    model = install(tiny_model("llama"))
+    ids, mask = padded_batch([64])
+    recipe = Recipe(scorer=fixed_recipe(0.5).scorer, ratio=0.5, quantizer=KIVI2(group_size=4, residual=4))
+    cache = CompressedCache(recipe)
+    with torch.no_grad():
+        prefill(model, cache, ids[:, :32], mask[:, :32])
+        before = quantized_codes_by_head_and_slot(cache.layers[0].body)
+        prefill(model, cache, ids[:, 32:], mask)
+    body = cache.layers[0].body
+    after = quantized_codes_by_head_and_slot(body)
+    survivors = before.keys() & after.keys()
+    assert 0 < len(survivors) < len(before)  # some old quantized tokens evicted, others kept
+    assert all(torch.equal(after[key], before[key]) for key in survivors)
+    assert int(body.group_sizes.sum()) == body.tokens["key_codes"].shape[0]
+
+
+def test_attention_sees_dequantized_body_and_decode_stays_close_to_full():
+    model = tiny_model("qwen2")
+    ids, mask = padded_batch([40, 29], seed=6)
+    install(model)
+    with torch.no_grad():
+        full = run(model, CompressedCache(), ids, mask)
+        kivi4 = run(model, CompressedCache(Recipe(quantizer=KIVI4(group_size=8, residual=4))), ids, mask)
+        kivi2 = run(model, CompressedCache(Recipe(quantizer=KIVI2(group_size=8, residual=4))), ids, mask)
+    error4, error2 = (kivi4 - full).abs().max(), (kivi2 - full).abs().max()
+    assert 0 < error4 < error2 < 0.5  # fewer bits, more error; both small on a tiny model
+
+
+def test_quantized_cache_state_dict_and_stack_round_trip():
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm+kivi2:group_size=8,residual=4@0.5")
+    caches = []
+    with torch.no_grad():
+        for length, seed in ((80, 1), (60, 2)):
+            ids, mask = padded_batch([length], seed=seed)
+            cache = CompressedCache(recipe)
+            prefill(model, cache, ids, mask)
+            caches.append(cache)
+    assert all(int(cache.layers[0].body.lengths.min()) > 0 for cache in caches)
+    tensors, meta = caches[0].state_dict()
+    restored = CompressedCache.from_state_dict(tensors, meta)
+    assert restored.nbytes() == caches[0].nbytes()
+    assert torch.equal(restored.layers[1].view().keys, caches[0].layers[1].view().keys)
+    stacked = CompressedCache.stack(caches)
+    first, second = stacked.split()
+    for original, back in ((caches[0], first), (caches[1], second)):
+        assert torch.equal(back.layers[0].view().keys, original.layers[0].view().keys)
+        assert torch.equal(back.layers[0].view().slots, original.layers[0].view().slots)
