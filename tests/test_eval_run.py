@@ -276,3 +276,16 @@ def test_eval_needs_an_out_dir_and_report_needs_results(tmp_path, capsys):
     assert "--out DIR is required" in capsys.readouterr().err
     assert main(["eval", "report", str(tmp_path)]) == 2
     assert "has no results.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_real_model_eval_passkey_full_answers(real_model, tmp_path):
+    model, tokenizer = real_model
+    config = EvalConfig(
+        recipes=["snapkv@0.75"], tasks=["passkey"], lengths=[512], samples=1, query_aware=True
+    )
+    assert run_eval(config, tmp_path, model, tokenizer) == {"ran": 2, "skipped": 0}
+    full, snapkv = load_records(tmp_path)
+    assert full["recipe"] == "full" and full["score"] == 1.0, full["prediction"]
+    assert snapkv["mode"] == "query-aware" and 0.70 < snapkv["compression_ratio"] < 0.75
+    assert abs(full["prompt_tokens"] - 512) <= 0.05 * 512

@@ -266,7 +266,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         if not (args.dir / "results.jsonl").exists():
             raise UsageError(f"{args.dir} has no results.jsonl")
         markdown, images = write_report(args.dir, plots=not args.no_plots)
-        console.print(markdown, markup=False, highlight=False)
+        print(markdown)
         for image in images:
             console.print(f"wrote {image}", highlight=False)
         return 0
@@ -312,7 +312,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         )
         return 130
     markdown, images = write_report(out, plots=not args.no_plots)
-    console.print(markdown, markup=False, highlight=False)
+    print(markdown)
     err.print(
         f"ran {counts['ran']}, skipped {counts['skipped']} already finished; "
         f"wrote {out}/results.jsonl, {out}/summary.md" + "".join(f", {p}" for p in images),

@@ -92,6 +92,7 @@ def _needle_heatmap(records: list[dict], mode: str, path: Path) -> Path | None:
         figsize=(1.0 + 1.9 * columns, 0.6 + 1.55 * len(methods)),
         dpi=100,
         squeeze=False,
+        layout="constrained",
     )
     image = None
     for row, (_method_name, method_recipes) in enumerate(methods.items()):

@@ -29,12 +29,13 @@ def _order(values) -> list:
 
 
 def recipe_order(records: list[dict]) -> list[str]:
-    """``full`` first, then recipes by method name and ratio."""
+    """``full`` first, then methods in the order they were run, each by ratio."""
     recipes = _order(r["recipe"] for r in records)
+    methods = _order(recipe.rpartition("@")[0] or recipe for recipe in recipes)
 
     def key(recipe: str) -> tuple:
         body, _, ratio = recipe.rpartition("@")
-        return (recipe != FULL, body or recipe, float(ratio) if body else 0.0)
+        return (recipe != FULL, methods.index(body or recipe), float(ratio) if body else 0.0)
 
     return sorted(recipes, key=key)
 
