@@ -12,7 +12,7 @@ from tiny_models import padded_batch, tiny_model
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import prefill
-from kvsqueeze.quantizers import KIVI2, KIVI4
+from kvsqueeze.quantizers import GEAR, KIVI2, KIVI4
 from kvsqueeze.quantizers.packing import dequantize, pack_codes, quantize, unpack_codes
 from kvsqueeze.recipe import Recipe
 
@@ -138,3 +138,50 @@ def test_quantized_cache_state_dict_and_stack_round_trip():
     for original, back in ((caches[0], first), (caches[1], second)):
         assert torch.equal(back.layers[0].view().keys, original.layers[0].view().keys)
         assert torch.equal(back.layers[0].view().slots, original.layers[0].view().slots)
+
+
+def relative_error(quantizer, keys, values):
+    sizes = torch.full((keys.shape[0] // quantizer.group_size,), quantizer.group_size)
+    per_token, per_group = quantizer.encode(keys, values)
+    decoded_keys, decoded_values = quantizer.decode(per_token, per_group, sizes)
+    return ((decoded_keys - keys).norm() / keys.norm()).item(), (
+        (decoded_values - values).norm() / values.norm()
+    ).item()
+
+
+def test_gear_corrections_each_reduce_the_error_of_plain_quantization():
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(64, 64, generator=generator), torch.randn(64, 64, generator=generator)
+    keys[:, 5] *= 20  # an outlier channel
+    values[3, 7] = 40.0  # an outlier entry
+    plain = relative_error(KIVI4(), keys, values)
+    gear = relative_error(GEAR(), keys, values)
+    without_low_rank = relative_error(GEAR(rank=0), keys, values)
+    without_outliers = relative_error(GEAR(outliers=0.0), keys, values)
+    for part in range(2):
+        assert gear[part] < without_low_rank[part] < plain[part]
+        assert gear[part] < without_outliers[part] < plain[part]
+
+
+def test_gear_restores_outliers_and_stores_a_row_per_token():
+    keys, values = torch.randn(32, 16), torch.randn(32, 16)
+    keys[4, 9] = 50.0
+    quantizer = GEAR(group_size=8, rank=2, outliers=0.1)
+    per_token, per_group = quantizer.encode(keys, values)
+    decoded, _ = quantizer.decode(per_token, per_group, torch.full((4,), 8))
+    assert abs(decoded[4, 9].item() - 50.0) < 0.05  # 16-bit value, exact position
+    assert per_token["key_low_rank"].shape == (32, 2) and per_group["key_basis"].shape == (4, 2 * 16)
+    assert per_token["key_outlier_index"].shape == (32, 2)
+
+
+def test_gear_in_the_cache_composes_with_eviction():
+    model = install(tiny_model("llama"))
+    ids, mask = padded_batch([60, 45], seed=7)
+    recipe = Recipe.parse("knorm+gear:group_size=8,residual=4@0.5")
+    with torch.no_grad():
+        full = run(model, CompressedCache(Recipe.parse("knorm@0.5")), ids, mask)
+        cache = CompressedCache(recipe)
+        gear = run(model, cache, ids, mask)
+    assert int(cache.layers[0].body.lengths.min()) > 0
+    assert cache.nbytes() == held_bytes(cache)
+    assert (gear - full).abs().max() < 0.1  # 4-bit + corrections: close to the unquantized eviction

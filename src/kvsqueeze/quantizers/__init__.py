@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from kvsqueeze.quantizers.base import Quantizer
+from kvsqueeze.quantizers.gear import GEAR
 from kvsqueeze.quantizers.kivi import KIVI2, KIVI4
 
-QUANTIZERS: dict[str, type[Quantizer]] = {cls.name: cls for cls in (KIVI2, KIVI4)}
+QUANTIZERS: dict[str, type[Quantizer]] = {cls.name: cls for cls in (KIVI2, KIVI4, GEAR)}
 
-__all__ = ["KIVI2", "KIVI4", "QUANTIZERS", "Quantizer"]
+__all__ = ["GEAR", "KIVI2", "KIVI4", "QUANTIZERS", "Quantizer"]
