@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvsqueeze.attention import install
-from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, PyramidKV
+from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, DuoAttention, PyramidKV
 from kvsqueeze.budgets.adakv import comparable
 from kvsqueeze.budgets.cake import layer_preference, water_fill
+from kvsqueeze.budgets.head_profile import HeadProfile, ProfileNotFoundError
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import prefill
 from kvsqueeze.recipe import Recipe
@@ -52,12 +54,16 @@ def kept_slots(keep: torch.Tensor, row: int = 0) -> list[set[int]]:
 
 
 def test_registry_names_citations_and_options():
-    assert list(BUDGETS) == ["pyramid", "adakv", "cake"]
+    assert list(BUDGETS) == ["pyramid", "adakv", "cake", "duo"]
     for name, cls in BUDGETS.items():
         assert cls.name == name and cls.kind == "budget" and "arXiv:" in cls.citation
         assert dataclasses.is_dataclass(cls) and cls.__doc__ and len(cls.__doc__) > 200
     assert str(Recipe.parse("snapkv+adakv:alpha=0.1@0.8")) == "snapkv+adakv:alpha=0.1@0.8"
     assert str(Recipe.parse("expected+pyramid:beta=4@0.75")) == "expected+pyramid:beta=4.0@0.75"
+    duo = Recipe.parse("duo:retrieval=0.5")
+    assert duo.evicts and isinstance(duo.budget, DuoAttention) and duo.budget.retrieval == 0.5
+    assert str(duo) == "duo:retrieval=0.5" and Recipe.parse(str(duo)) == duo
+    assert str(Recipe.parse("snapkv+duo@0.5")) == "snapkv+duo@0.5"
 
 
 # --- PyramidKV ----------------------------------------------------------------------------------
@@ -240,6 +246,61 @@ def test_cake_never_holds_more_than_the_total_after_a_layer(monkeypatch):
             assert sum(kept) <= 4 * budget
 
 
+# --- DuoAttention -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def profile_path(tmp_path):
+    # layer 0: head 0 retrieves; layer 1: head 1 retrieves
+    return HeadProfile("tiny", [[0.9, 0.1], [0.2, 0.8]], {"kind": "test"}).save(tmp_path / "tiny.json")
+
+
+def tiny_config(name: str = "tiny") -> SimpleNamespace:
+    return SimpleNamespace(
+        _name_or_path=name, num_hidden_layers=2, num_key_value_heads=2, num_attention_heads=4
+    )
+
+
+def test_duo_retrieval_heads_keep_everything_streaming_heads_sinks_and_recent(profile_path):
+    middle = torch.zeros(30)
+    middle[10:20] = 1.0  # a scorer that would keep the middle: streaming heads must ignore it
+    recipe = Recipe(
+        scorer=Preset(values=middle),
+        budget=DuoAttention(retrieval=0.5, sinks=2, recent=5, profile=str(profile_path)),
+    )
+    state: dict = {}
+    for layer, whole in ((0, 0), (1, 1)):
+        inputs = hand_inputs(length=30, layer_idx=layer, num_layers=2, config=tiny_config())
+        protected = torch.zeros(1, 2, 30, dtype=torch.bool)
+        keep, _ = recipe.select(inputs, torch.tensor([30]), protected, state)
+        per_head = kept_slots(keep)
+        assert per_head[whole] == set(range(30))
+        assert per_head[1 - whole] == {0, 1, 25, 26, 27, 28, 29}
+
+
+def test_duo_alone_needs_no_ratio_and_protects_the_question(profile_path):
+    recipe = Recipe.parse(f"duo:retrieval=0.5,sinks=2,recent=5,profile={profile_path}")
+    assert recipe.ratio == 0 and recipe.evicts
+    protected = torch.zeros(1, 2, 30, dtype=torch.bool)
+    protected[..., 27:] = True
+    inputs = hand_inputs(length=30, layer_idx=0, num_layers=2, config=tiny_config())
+    keep, _ = recipe.select(inputs, torch.tensor([27]), protected, {})
+    assert kept_slots(keep)[1] == {0, 1, 22, 23, 24, 25, 26, 27, 28, 29}  # sinks, 5 recent, question
+
+
+def test_duo_without_profile_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path))
+    recipe = Recipe.parse("duo")
+    inputs = hand_inputs(length=30, config=tiny_config("org/unknown-model"), num_layers=2)
+    with pytest.raises(ProfileNotFoundError, match="kvsqueeze calibrate --model org/unknown-model"):
+        recipe.select(inputs, torch.tensor([30]), torch.zeros(1, 2, 30, dtype=torch.bool), {})
+    HeadProfile("org--unknown-model", [[0.1, 0.2, 0.3]]).save(
+        tmp_path / "profiles" / "org--unknown-model.json"
+    )
+    with pytest.raises(ProfileNotFoundError, match="1 layers x 3 KV heads"):
+        recipe.select(inputs, torch.tensor([30]), torch.zeros(1, 2, 30, dtype=torch.bool), {})
+
+
 # --- on tiny random models: real ragged storage, decode against a masked dense reference --------
 
 
@@ -294,12 +355,31 @@ def test_layer_budgets_decode_like_a_masked_reference(recipe):
     assert cache.nbytes() == stored_bytes(cache)
 
 
+def test_duo_holds_less_than_a_full_cache_and_decodes_like_a_masked_reference(tmp_path):
+    model = tiny_model("qwen2")
+    path = HeadProfile("t", [[0.9, 0.1], [0.2, 0.8]]).save(tmp_path / "t.json")
+    ids, mask = padded_batch([40, 29], seed=5)
+    recipe = Recipe.parse(f"duo:retrieval=0.5,sinks=2,recent=6,profile={path}")
+    cache = assert_matches_masked_reference(model, recipe, ids, mask)
+    assert cache.layers[0].lengths.tolist() == [[43, 11], [32, 11]]  # context + 3 decode tokens
+    assert cache.layers[1].lengths.tolist() == [[11, 43], [11, 32]]
+    full = CompressedCache()
+    with torch.no_grad():
+        run(model, full, ids, mask)
+    assert cache.nbytes() == stored_bytes(cache) < 0.7 * full.nbytes()
+
+
 # --- the embedded model -------------------------------------------------------------------------
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("query_aware", [True])
-def test_passkey_with_snapkv_adakv(real_model, query_aware):
+@pytest.mark.parametrize(
+    ("recipe", "ratio_range"),
+    [("snapkv+adakv@0.75", (0.70, 0.75)), ("duo", (0.60, 0.70))],  # duo: the shipped profile
+)
+def test_passkey_with_head_budgets_query_aware(real_model, recipe, ratio_range):
+    """Query-aware. Query-agnostic, on this 135M model, snapkv+adakv@0.75 returns 3057 (as uniform
+    snapkv does) and duo the right key at depth 0.5 but not at 0.8 (see the issue notes)."""
     from test_real_model import passkey_context
 
     from kvsqueeze.demo import contains_answer
@@ -308,13 +388,7 @@ def test_passkey_with_snapkv_adakv(real_model, query_aware):
     model, tokenizer = real_model
     context = passkey_context(30571, 0.5)
     result = generate(
-        model,
-        tokenizer,
-        context,
-        "What is the pass key?",
-        "snapkv+adakv@0.75",
-        query_aware=query_aware,
-        max_new_tokens=12,
+        model, tokenizer, context, "What is the pass key?", recipe, query_aware=True, max_new_tokens=12
     )
     assert contains_answer(result.answer, "30571"), result.answer
-    assert 0.70 < result.compression_ratio < 0.75
+    assert ratio_range[0] < result.compression_ratio < ratio_range[1]

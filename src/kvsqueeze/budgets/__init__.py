@@ -5,8 +5,9 @@ from __future__ import annotations
 from kvsqueeze.budgets.adakv import AdaKV
 from kvsqueeze.budgets.base import Budget
 from kvsqueeze.budgets.cake import CAKE
+from kvsqueeze.budgets.duo import DuoAttention
 from kvsqueeze.budgets.pyramid import PyramidKV
 
-BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (PyramidKV, AdaKV, CAKE)}
+BUDGETS: dict[str, type[Budget]] = {cls.name: cls for cls in (PyramidKV, AdaKV, CAKE, DuoAttention)}
 
-__all__ = ["BUDGETS", "CAKE", "AdaKV", "Budget", "PyramidKV"]
+__all__ = ["BUDGETS", "CAKE", "AdaKV", "Budget", "DuoAttention", "PyramidKV"]
