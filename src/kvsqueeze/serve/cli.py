@@ -119,6 +119,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP stalls on a busy CPU",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -133,6 +140,10 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         Recipe.parse(args.recipe)
         model, tokenizer = load_model(args.model, dtype=args.dtype)

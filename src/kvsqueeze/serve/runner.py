@@ -102,16 +102,18 @@ class Runner:
 
     def estimate(self, seq: Sequence) -> int:
         """Peak bytes of ``seq`` during its prefill and right after it (see ``Scheduler``)."""
-        context = len(seq.context)
+        tail = len(seq.prompt) + len(seq.output) + 1
+        return self.token_bytes * self._peak(len(seq.context), tail, seq.restored is not None)
+
+    def _peak(self, context: int, tail: int, restored: bool = False) -> int:
+        """Tokens per head at the peak: the compressed context plus one uncompressed chunk, or the tail."""
         kept = self.kept(context)
-        peak_chunk = 0 if seq.restored is not None else min(self.chunk_size, context)
-        tail = len(seq.prompt) + len(seq.output)
-        return self.token_bytes * max(kept + peak_chunk, kept + tail + 1)
+        during = kept if restored or kept == context else min(context, kept + self.chunk_size)
+        return max(during, kept + tail)
 
     def bytes_needed_alone(self, context: int, prompt: int, max_tokens: int) -> int:
         """What one request needs with nobody else running (the submit-time check)."""
-        kept = self.kept(context)
-        return self.token_bytes * max(kept + min(self.chunk_size, context), kept + prompt + max_tokens)
+        return self.token_bytes * self._peak(context, prompt + max_tokens)
 
     def held(self, seq: Sequence) -> int:
         """Bytes the running batch holds for ``seq``'s row (its stored entries)."""
@@ -155,7 +157,7 @@ class Runner:
     def step(self, block: bool = False) -> None:
         """Drain the inbox, admit and prefill, then decode the running batch by one token."""
         self._drain(block and not self.scheduler.has_work())
-        for seq in self.scheduler.admit(self.used()):
+        while (seq := self.scheduler.admit_one(self.used())) is not None:
             self._join(seq)
         if self.scheduler.running:
             self._decode()

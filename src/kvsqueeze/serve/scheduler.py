@@ -76,7 +76,7 @@ class Scheduler:
     Parameters
     ----------
     budget_bytes : the ``--kv-memory`` budget.
-    estimate : bytes a waiting sequence needs at the peak of its prefill.
+    estimate : bytes a waiting sequence needs at the peak of its prefill (and right after it).
     token_bytes : bytes one more token costs one running row (its share of a decode step).
     max_running : cap on the running batch size.
     """
@@ -100,19 +100,20 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def admit(self, used: int) -> list[Sequence]:
-        """Waiting sequences that fit now, oldest first (each reserves its row's next token too)."""
-        admitted = []
-        while self.waiting and len(self.running) + len(admitted) < self.max_running:
-            seq = self.waiting[0]
-            need = self.estimate(seq) + self.token_bytes * (len(self.running) + len(admitted) + 1)
-            if used + need > self.budget_bytes and (self.running or admitted):
-                break
-            # an idle server always takes the oldest request: the submit-time check made sure it fits alone
-            self.waiting.popleft()
-            used += self.estimate(seq)
-            admitted.append(seq)
-        return admitted
+    def admit_one(self, used: int) -> Sequence | None:
+        """The oldest waiting sequence if its prefill fits now (``used`` = real bytes held), else None.
+
+        The runner prefills one admitted sequence at a time and asks again with the bytes really
+        held afterwards, so a prefill's transient peak is charged once, not per running sequence.
+        An idle server always takes the oldest request: the submit-time check made sure it fits.
+        """
+        if not self.waiting or len(self.running) >= self.max_running:
+            return None
+        seq = self.waiting[0]
+        need = self.estimate(seq) + self.token_bytes * (len(self.running) + 1)
+        if self.running and used + need > self.budget_bytes:
+            return None
+        return self.waiting.popleft()
 
     def start(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,6 +141,7 @@ class MemoryTier:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[str, Entry] = OrderedDict()
         self.nbytes = 0
+        self._lock = threading.Lock()  # the server reads and writes from several threads
 
     def contains(self, key: ContextKey) -> bool:
         return key.digest() in self.entries
@@ -147,28 +149,36 @@ class MemoryTier:
     def put(self, key: ContextKey, entry: Entry) -> None:
         if entry.tensors is None or entry.nbytes > self.max_bytes:
             return
-        self.remove(key)
-        self.entries[key.digest()] = entry.clone()
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes:
-            _, evicted = self.entries.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+        copy = entry.clone()
+        with self._lock:
+            self._pop(key.digest())
+            self.entries[key.digest()] = copy
+            self.nbytes += copy.nbytes
+            while self.nbytes > self.max_bytes:
+                _, evicted = self.entries.popitem(last=False)
+                self.nbytes -= evicted.nbytes
 
     def get(self, key: ContextKey) -> Entry | None:
-        entry = self.entries.get(key.digest())
-        if entry is None:
-            return None
-        self.entries.move_to_end(key.digest())
+        with self._lock:
+            entry = self.entries.get(key.digest())
+            if entry is None:
+                return None
+            self.entries.move_to_end(key.digest())
         return entry.clone()
 
     def remove(self, key: ContextKey) -> None:
-        entry = self.entries.pop(key.digest(), None)
+        with self._lock:
+            self._pop(key.digest())
+
+    def _pop(self, digest: str) -> None:
+        entry = self.entries.pop(digest, None)
         if entry is not None:
             self.nbytes -= entry.nbytes
 
     def close(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
 
 
 class DiskTier:

@@ -1,0 +1,169 @@
+"""Shared pieces of the serve benchmarks: server and Redis processes on 127.0.0.1, documents, TTFT.
+
+Every process started here is stopped by its context manager; every request loop is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import openai
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m"
+KEY = "bench-key"
+THREADS_HELP = "torch threads per server (default 1: on a shared CPU two OpenMP threads stall on small ops)"
+
+WORDS = [
+    *("river", "harbor", "lantern", "meadow", "quarry", "orchard", "summit", "canyon", "archive"),
+    *("beacon", "cellar", "garden", "market", "tunnel", "bridge", "tower", "valley", "forest"),
+    *("island", "village", "station", "library", "kitchen", "workshop"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def document(tokens_wanted: int, seed: int, fact: str) -> str:
+    """Seeded filler sentences with ``fact`` in the middle, about ``tokens_wanted`` tokens long."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(max(tokens_wanted // 9, 1)):
+        a, b, c = rng.sample(WORDS, 3)
+        sentences.append(f"The {a} near the {b} faces the {c}.")
+    sentences.insert(len(sentences) // 2, fact)
+    return " ".join(sentences)
+
+
+def _wait_health(base: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError("server did not become healthy")
+
+
+@contextlib.contextmanager
+def server(*args: str, timeout: float = 180):
+    """``python -m kvsqueeze.serve ARGS`` on a free 127.0.0.1 port; yields its base URL."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "kvsqueeze.serve",
+        "--model",
+        MODEL,
+        "--api-key",
+        KEY,
+        "--log-level",
+        "warning",
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            try:
+                _wait_health(base, process, timeout)
+            except Exception:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace")[-3000:])
+                raise
+            yield base
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def redis():
+    """A throwaway redis-server on 127.0.0.1 (Debian package ``redis-server``); yields its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(binary):
+        raise SystemExit("redis-server is not installed: run scripts/install-redis.sh (as root)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        import redis as redis_client
+
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                if redis_client.Redis.from_url(url).ping():
+                    break
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=600)
+
+
+def timed_chat(base: str, messages: list[dict], max_tokens: int = 8, **extra) -> tuple[float, str, dict]:
+    """(seconds to the first generated text, the whole answer, the final chunk's kvsqueeze info)."""
+    start = time.perf_counter()
+    first, parts, info = None, [], {}
+    stream = client(base).chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, stream=True, **extra
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter()
+                parts.append(choice.delta.content)
+        info = (chunk.model_extra or {}).get("kvsqueeze", info)
+    return (first or time.perf_counter()) - start, "".join(parts), info
+
+
+def metrics(base: str) -> dict[str, float]:
+    """The server's Prometheus metrics without labels, by name."""
+    request = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def create_context(base: str, text: str) -> dict:
+    return client(base).post("/contexts", body={"document": text}, cast_to=object)
+
+
+def dump(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(payload, indent=2))
