@@ -110,6 +110,10 @@ class CompressedLayer(CacheLayerMixin):
     def _body_lengths(self) -> torch.Tensor:
         return torch.zeros_like(self.lengths) if self.body is None else self.body.lengths
 
+    def held_lengths(self) -> torch.Tensor:
+        """``[B, Hkv]`` tokens each head holds, quantized ones included."""
+        return self.lengths + self._body_lengths()
+
     def _with_body(self, recent: torch.Tensor, name: str) -> torch.Tensor:
         """Per head, the quantized body's ``name`` entries then the recent window's: packed."""
         if self.body is None or not self.body.tokens:
@@ -118,7 +122,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def view(self) -> LayerView:
         """The padded ``[B, Hkv, L, D]`` view of what this layer holds (quantized tokens first)."""
-        lengths = self.lengths + self._body_lengths()
+        lengths = self.held_lengths()
         if self.slots is None:
             slots = torch.arange(self.seen, device=self.device).expand(*self.lengths.shape, self.seen)
         else:
@@ -196,7 +200,7 @@ class CompressedLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tokens_kept(self) -> int:
-        return 0 if not self.is_initialized else int((self.lengths + self._body_lengths()).sum())
+        return 0 if not self.is_initialized else int(self.held_lengths().sum())
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -255,7 +259,7 @@ class CompressedLayer(CacheLayerMixin):
             self.body.validate()
             if self.body.tokens and ("slots" in self.body.tokens) != (self.slots is not None):
                 raise ValueError("quantized and recent tokens disagree on whether slots are stored")
-        if self.slots is None and bool((self.lengths + self._body_lengths() != self.seen).any()):
+        if self.slots is None and bool((self.held_lengths() != self.seen).any()):
             raise ValueError("a layer without stored slots must hold every token it has seen")
         if self.slots is not None and total and int(self.slots.max()) >= self.seen:
             raise ValueError("a stored slot lies beyond the layer's length")

@@ -150,10 +150,7 @@ def _held(layer: CompressedLayer, per_head: bool = False) -> torch.Tensor:
     """Tokens a layer holds: ``[B, Hkv]`` per head, or ``[B]`` (most in any head)."""
     if not layer.is_initialized:
         return torch.zeros((), dtype=torch.long)
-    held = layer.lengths
-    body = getattr(layer, "body", None)  # quantized older tokens, when the recipe quantizes
-    if body is not None:
-        held = held + body.lengths
+    held = layer.held_lengths()
     return held if per_head else held.amax(-1)
 
 
