@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
+from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.cli import main
+from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.scorers import SCORERS
 
 
@@ -21,12 +23,12 @@ def kvsqueeze(*args: str) -> subprocess.CompletedProcess:
 def test_methods_lists_every_scorer_with_its_paper(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name, scorer_cls in SCORERS.items():
+    for name, scorer_cls in {**SCORERS, **BUDGETS, **QUANTIZERS}.items():
         assert name in out
         assert scorer_cls.citation.split(".")[0] in out  # "Authors et al., year"
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["methods"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["methods"], ["demo"], ["eval"], ["calibrate"], ["serve"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

@@ -1,4 +1,4 @@
-"""Command line: ``kvsqueeze run | methods | demo | eval``. Parses, calls the library, formats."""
+"""Command line: ``kvsqueeze run | methods | demo | eval | calibrate | serve``. Parses, calls, formats."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils.logging import disable_progress_bar
 
+from kvsqueeze.budgets import BUDGETS
+from kvsqueeze.budgets.head_profile import ProfileNotFoundError
+from kvsqueeze.calibrate import add_calibrate_command, run_calibrate
 from kvsqueeze.demo import contains_answer, demo_case
 from kvsqueeze.engine import ContextTooLongError, GenerationResult, generate
 from kvsqueeze.eval.runner import EvalError
 from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
+from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
+from kvsqueeze.serve.cli import add_serve_command, run_serve
 
 DEMO_RECIPES = "full,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
 EVAL_RECIPES = "full,snapkv@0.75,chunkkv@0.75,streaming@0.75"
@@ -194,6 +199,8 @@ def _add_eval_parser(commands) -> None:
     )
     report.add_argument("dir", type=Path, metavar="DIR", help="an output directory of `kvsqueeze eval`")
     report.add_argument("--no-plots", action="store_true", help="write the summary table only")
+    add_calibrate_command(commands)
+    add_serve_command(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +216,20 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, console)
         if args.command == "eval":
             return _eval(args, console)
+        if args.command == "calibrate":
+            return run_calibrate(args, console)
+        if args.command == "serve":
+            return run_serve(args)
         return _demo(args, console)
-    except (ModelLoadError, RecipeError, ContextTooLongError, UsageError, EvalError, TaskError) as error:
+    except (
+        ModelLoadError,
+        RecipeError,
+        ContextTooLongError,
+        UsageError,
+        EvalError,
+        TaskError,
+        ProfileNotFoundError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -371,13 +390,16 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
 
 
 def methods_table() -> Table:
-    table = Table(title="kvsqueeze methods (recipe: name[:option=value,...]@ratio, or full)")
-    for name in ("name", "paper", "options"):
+    table = Table(
+        title="kvsqueeze methods (recipe: scorer[+budget][+quantizer]@ratio, each name[:option=value,...])"
+    )
+    for name in ("kind", "name", "paper", "options"):
         table.add_column(name)
-    table.add_row("full", "no compression (the baseline)", "")
-    for name, scorer_cls in SCORERS.items():
-        options = ", ".join(f"{k}={v}" for k, v in scorer_cls().options().items())
-        table.add_row(name, scorer_cls.citation, options)
+    table.add_row("-", "full", "no compression (the baseline)", "")
+    for registry in (SCORERS, BUDGETS, QUANTIZERS):
+        for name, component_cls in registry.items():
+            options = ", ".join(f"{k}={v}" for k, v in component_cls().options().items())
+            table.add_row(component_cls.kind, name, component_cls.citation, options)
     return table
 
 
