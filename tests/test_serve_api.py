@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -203,3 +205,25 @@ def test_stop_strings_end_the_answer(served):
     response = ask(base, QUESTIONS[0], max_tokens=16, stop=["Paris"])
     assert "Paris" not in response.choices[0].message.content
     assert response.choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_hangs_up_frees_its_row(served):
+    base, server = served
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Count from 1 to 100, separated by commas."}],
+            "max_tokens": 64,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEY_A}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    steps_before = server.runner.stats.decode_tokens
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body)
+        wait_for(lambda: server.runner.stats.decode_tokens > steps_before, 120, "first decode step")
+    wait_for(lambda: not server.runner.scheduler.running, 30, "the row to leave")
+    assert server.runner.stats.decode_tokens - steps_before < 60  # cancelled, not run to max_tokens

@@ -150,3 +150,22 @@ def test_cancel_removes_the_row_and_others_continue():
         runner.step()
     assert seqs[0].sink.done["finish_reason"] == "cancelled"
     assert seqs[1].sink.tokens == reference(model, recipe, seqs[1].context, seqs[1].prompt, 6)
+
+
+def test_a_step_prefills_a_bounded_number_of_tokens_so_running_rows_keep_decoding():
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("full")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, prefill_tokens_per_step=1)
+    first, second, third = make_requests([(10, 3, 8), (12, 4, 8), (9, 2, 8)])
+    runner.submit(first)
+    runner.step()
+    runner.submit(second)
+    runner.submit(third)
+    runner.step()
+    assert [seq.id for seq in runner.scheduler.running] == [first.id, second.id]
+    assert list(runner.scheduler.waiting) == [third]
+    assert len(first.sink.tokens) == 3  # prefill token, then one decode token per step
+    for _ in range(30):
+        runner.step()
+    for seq in (first, second, third):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)

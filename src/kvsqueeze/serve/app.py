@@ -278,16 +278,14 @@ def create_app(server: Server) -> FastAPI:
         server.metrics.inc("requests_total", route=request.url.path, status=str(error.status))
         return error.response()
 
-    @app.middleware("http")
-    async def limit_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_request_bytes:
-            return APIError(
-                413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes} bytes"
-            ).response()
-        return await call_next(request)
-
     async def read_json(request: Request) -> dict:
+        # checked before reading the body (and again after, for chunked bodies); not an HTTP
+        # middleware, which would hide client disconnects from the routes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > config.max_request_bytes:
+            raise APIError(
+                413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes} bytes"
+            )
         raw = await request.body()
         if len(raw) > config.max_request_bytes:
             raise APIError(413, f"request body exceeds the limit of {config.max_request_bytes} bytes")
@@ -580,6 +578,14 @@ def create_app(server: Server) -> FastAPI:
 
         if not stream:
             parts, reason, info = [], None, None
+
+            async def watch_disconnect():
+                # the client hanging up frees its row instead of decoding for nobody
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.25)
+                server.runner.cancel(seq)
+
+            watcher = asyncio.create_task(watch_disconnect())
             try:
                 async for delta, finish, details in events():
                     parts.append(delta)
@@ -587,6 +593,8 @@ def create_app(server: Server) -> FastAPI:
             except asyncio.CancelledError:
                 server.runner.cancel(seq)
                 raise
+            finally:
+                watcher.cancel()
             content = "".join(parts)
             if chat:
                 choice = {

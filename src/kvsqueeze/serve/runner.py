@@ -63,6 +63,9 @@ class Runner:
     chunk_size : context prefill chunk, also the prefix-reuse block.
     prefix_cache : saved chunk-boundary states, or None to disable prefix reuse.
     eos_ids : token ids that end a sequence.
+    max_running : cap on the running batch size.
+    prefill_tokens_per_step : once a step has prefilled this many tokens, no more sequences join
+        in that step, so the running batch keeps decoding between long prefills.
     """
 
     def __init__(
@@ -74,12 +77,14 @@ class Runner:
         prefix_cache: PrefixCache | None = None,
         eos_ids: set[int] | frozenset[int] = frozenset(),
         max_running: int = 64,
+        prefill_tokens_per_step: int = 2048,
     ):
         self.model = install(model)
         self.recipe = recipe
         self.chunk_size = chunk_size
         self.prefix_cache = prefix_cache
         self.eos_ids = frozenset(eos_ids)
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
         element = torch.empty(0, dtype=model.dtype).element_size()
         # keys + values, and the int32 slot a stacked or compressed row stores per token
@@ -157,8 +162,14 @@ class Runner:
     def step(self, block: bool = False) -> None:
         """Drain the inbox, admit and prefill, then decode the running batch by one token."""
         self._drain(block and not self.scheduler.has_work())
-        while (seq := self.scheduler.admit_one(self.used())) is not None:
+        prefilled = 0
+        while prefilled < self.prefill_tokens_per_step or not self.scheduler.running:
+            seq = self.scheduler.admit_one(self.used())
+            if seq is None:
+                break
+            before = self.stats.prefill_tokens
             self._join(seq)
+            prefilled += self.stats.prefill_tokens - before
         if self.scheduler.running:
             self._decode()
         self.stats.kv_bytes = self.used()
