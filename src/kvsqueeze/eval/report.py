@@ -77,12 +77,15 @@ def summarize(records: list[dict]) -> dict:
                 "complete": len(scores) == len(tasks),
             }
         full_mean = out.get(FULL, {}).get("mean")
-        for row in out.values():
-            # relative to full over the same tasks (a partial row is compared on its own tasks)
-            base = [out[FULL]["tasks"][t] for t in row["tasks"]] if FULL in out else []
-            row["relative"] = (
-                row["mean"] / mean(base) if base and row["mean"] is not None and mean(base) > 0 else None
-            )
+        full_score = {_sample_id(r): r["score"] for r in rows if r["recipe"] == FULL}
+        for recipe, row in out.items():
+            # relative to full on exactly this recipe's samples (a partial run compares like with like)
+            base_per = defaultdict(list)
+            for r in rows:
+                if r["recipe"] == recipe:
+                    base_per[r["task"]].append(full_score[_sample_id(r)])
+            base = mean(mean(v) for v in base_per.values()) if base_per else 0.0
+            row["relative"] = row["mean"] / base if row["mean"] is not None and base > 0 else None
         table[mode] = {"tasks": tasks, "rows": out, "full_mean": full_mean}
     return table
 
