@@ -14,7 +14,7 @@ from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
 
 RATIOS = (0.5, 0.75, 0.875)
-SAMPLES = 3  # x 3 tasks x ~42 recipes: about 25 min on this 2-core machine when idle
+SAMPLES = 2  # x 3 tasks x 43 recipes: ~28 min estimated on this 2-core machine (README)
 OUT_DIR = "docs/leaderboard"
 
 
