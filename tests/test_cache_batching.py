@@ -80,3 +80,20 @@ def test_inconsistent_state_dict_is_rejected():
     tensors["0.keys"] = tensors["0.keys"][:-1]
     with pytest.raises(ValueError, match="keys holds"):
         CompressedCache.from_state_dict(tensors, meta)
+
+
+def test_selecting_shorter_rows_of_a_stacked_batch_keeps_storage_consistent():
+    """Rows of equal length selected out of a batch whose other row was longer (serving: a long
+    request leaves the batch) must hold exactly their own tokens, and decode on."""
+    model = install(tiny_model("llama"))
+    parts = [prefilled(model, length, i, None) for i, length in enumerate((23, 14))]
+    stacked = CompressedCache.stack([cache for cache, _ in parts])
+    stacked.batch_select_indices(torch.tensor([1]))
+    layer = stacked.layers[0]
+    assert layer.keys.shape[0] == int(layer.lengths.sum()) == 2 * 14
+    with torch.no_grad():
+        steps = decode_steps(model, stacked, parts[1][1], torch.tensor([[14]]), layer.offsets.clone())
+    alone, token = prefilled(model, 14, 1, None)
+    with torch.no_grad():
+        reference = decode_steps(model, alone, token, torch.tensor([[14]]), torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(steps, reference, atol=1e-5, rtol=0)

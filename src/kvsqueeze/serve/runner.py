@@ -326,38 +326,6 @@ class Runner:
             return
         if len(keep) == len(running):
             return
-        select_rows(self.cache, torch.tensor(keep))
+        self.cache.batch_select_indices(torch.tensor(keep))
         if int(self.cache.layers[0].offsets.min()) > _MAX_IDLE_OFFSET:
-            parts = self.cache.split()
-            for part in parts:
-                _repair_token_fields(part)
-            self.cache = CompressedCache.stack(parts)
-
-
-def select_rows(cache: CompressedCache, index: torch.Tensor) -> None:
-    """``cache.batch_select_indices(index)``, with the packed tensors made consistent again.
-
-    Works around ``CompressedLayer._select_batch`` (cache.py): when every selected head holds the
-    same number of tokens ``L`` but an unselected row held more, ``ragged.pack``'s all-kept fast
-    path returns the padded width, not ``L``, per head (more tokens than ``lengths`` says).
-    """
-    cache.batch_select_indices(index)
-    _repair_token_fields(cache)
-
-
-def _repair_token_fields(cache: CompressedCache) -> None:
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        lengths = layer.lengths
-        total = int(lengths.sum())
-        for name in type(layer).TOKEN_FIELDS:
-            packed = getattr(layer, name, None)
-            if packed is None or packed.shape[0] == total or not lengths.numel():
-                continue
-            # only reachable in the uniform case: every head holds lengths[0, 0] tokens
-            width = packed.shape[0] // lengths.numel()
-            padded = packed.view(*lengths.shape, width, *packed.shape[1:])
-            setattr(
-                layer, name, padded[:, :, : int(lengths.flatten()[0])].reshape(-1, *packed.shape[1:]).clone()
-            )
+            self.cache = CompressedCache.stack(self.cache.split())
