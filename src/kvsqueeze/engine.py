@@ -100,6 +100,22 @@ def prefill(
     return logits
 
 
+def _footprint(cache: CompressedCache) -> dict:
+    """What the cache holds now: the byte and token fields of ``GenerationResult``."""
+    kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+    return dict(
+        tokens_kept=cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1),
+        kv_bytes=kv_bytes,
+        kv_bytes_full=kv_bytes_full,
+        kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
+        compression_ratio=1.0 - kv_bytes / kv_bytes_full,
+    )
+
+
+def _answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int]) -> str:
+    return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
@@ -213,8 +229,7 @@ def generate_batch(
         with cache.settings(compress_prefill=False):
             logits = prefill(model, cache, question_ids, mask)
     prefill_seconds = time.perf_counter() - start
-    kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
-    tokens_kept = cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1)
+    footprint = _footprint(cache)
 
     eos = _eos_ids(model, tokenizer)
     start = time.perf_counter()
@@ -223,16 +238,12 @@ def generate_batch(
     decode_seconds = time.perf_counter() - start
     return [
         GenerationResult(
-            answer=tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip(),
+            answer=_answer_text(tokenizer, tokens, eos),
             recipe=str(recipe),
             mode="query-aware" if query_aware else "query-agnostic",
             context_tokens=len(context_row),
             question_tokens=len(question_row),
-            tokens_kept=tokens_kept,
-            kv_bytes=kv_bytes,
-            kv_bytes_full=kv_bytes_full,
-            kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
-            compression_ratio=1.0 - kv_bytes / kv_bytes_full,
+            **footprint,
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
             generated_tokens=len(tokens),
@@ -333,24 +344,17 @@ def generate_multiturn(
                 logits = prefill(model, cache, ids, mask)
         mask = torch.ones((1, cache.get_seq_length()), dtype=torch.long, device=device)
         prefill_seconds = time.perf_counter() - start + (context_seconds if turn == 0 else 0.0)
-        kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
-        tokens_kept = cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1)
+        footprint = _footprint(cache)
         start = time.perf_counter()
         tokens = decode(model, cache, logits, mask, eos, max_new_tokens)[0]
         results.append(
             GenerationResult(
-                answer=tokenizer.decode(
-                    [t for t in tokens if t not in eos], skip_special_tokens=True
-                ).strip(),
+                answer=_answer_text(tokenizer, tokens, eos),
                 recipe=str(recipe),
                 mode=mode,
                 context_tokens=len(context_row),
                 question_tokens=len(question_row),
-                tokens_kept=tokens_kept,
-                kv_bytes=kv_bytes,
-                kv_bytes_full=kv_bytes_full,
-                kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
-                compression_ratio=1.0 - kv_bytes / kv_bytes_full,
+                **footprint,
                 prefill_seconds=prefill_seconds,
                 decode_seconds=time.perf_counter() - start,
                 generated_tokens=len(tokens),
