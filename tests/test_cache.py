@@ -225,3 +225,24 @@ def test_query_aware_protects_the_question():
         slots = layer.view().slots
         assert set(range(24, 30)) <= set(slots[0, 0].tolist())
         assert slots.shape[-1] == 6 + int(torch.tensor(0.2 * 24).ceil())
+
+
+@pytest.mark.parametrize(
+    "recipe", ["knorm@0.5", "kivi2:group_size=8,residual=4", "knorm+mixed:group_size=8@0.5"]
+)
+def test_nbytes_at_16_bits_is_what_a_16_bit_model_holds(recipe):
+    ids, mask = padded_batch([50, 41])
+    held = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = install(tiny_model("llama")).to(dtype)
+        cache = CompressedCache(Recipe.parse(recipe))
+        with torch.no_grad():
+            prefill(model, cache, ids, mask)
+        held[dtype] = cache
+    wide, narrow = held[torch.float32], held[torch.bfloat16]
+    assert wide.nbytes(torch.bfloat16) == narrow.nbytes()
+    assert narrow.nbytes(torch.bfloat16) == narrow.nbytes()
+    if wide.recipe.quantizer is None:  # the model's own KV halves; quantized codes do not change
+        assert wide.nbytes(torch.bfloat16) < 0.6 * wide.nbytes()
+    else:
+        assert wide.nbytes(torch.bfloat16) == wide.nbytes()

@@ -118,7 +118,7 @@ def test_continuation_logits_full_is_exact_and_compression_diverges(tiny, tokeni
     assert full.logits.shape == (20, len(tokenizer))
     assert fidelity(full.logits, again.logits, continuation)["kl"] == pytest.approx(0.0, abs=1e-9)
     assert fidelity(full.logits, squeezed.logits, continuation)["kl"] > 0
-    assert squeezed.kv_bytes < 0.5 * full.kv_bytes
+    assert squeezed.footprint["kv_bytes"] < 0.5 * full.footprint["kv_bytes"]
 
 
 def test_eval_runs_every_recipe_on_the_same_samples_and_resumes(tiny, tmp_path):
@@ -171,6 +171,8 @@ def _record(recipe, task, sample, score, ratio, depth=None, **extra):
         "model": "m",
         "score": score,
         "compression_ratio": ratio,
+        "kv_bytes_16bit": round((1 - ratio) * 1000),
+        "kv_bytes_full_16bit": 1000,
         "kv_dtype": "float32",
         "depth": depth,
         **extra,
@@ -215,7 +217,7 @@ def test_report_renders_from_saved_lines(tmp_path):
 
     assert main(["eval", "report", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| `snapkv@0.5` | 50.0 | 40.0 | 25.0 | 38.3 | 0.50 | 49.0% | float32 | 4 |" in summary
+    assert "| `snapkv@0.5` | 50.0 | 40.0 | 25.0 | 38.3 | 0.50 | 49.0% | 2.0x | float32 | 4 |" in summary
     assert "| `snapkv@0.5` | 100.0 | 0.0 | 1 |" in summary  # multi-turn: turn 1 vs later turns
     assert "| `snapkv@0.5` | 0.700 | 50.0% | 14.00 | 50.0% | 1 |" in summary
     for name in ("score_vs_ratio.png", "needle_heatmap.png"):

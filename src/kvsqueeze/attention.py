@@ -135,7 +135,8 @@ def compress_layer(
     layer.context_seen += new_context[:, 0].sum(-1)
     recipe, budget_state = layer.cache.recipe, layer.cache.budget_state
     keep, state = recipe.select(inputs, layer.context_seen, protected, budget_state)
-    layer.keep(view, keep, state)
+    demotes = recipe.quantizer is not None and recipe.quantizer.demotes
+    layer.keep(view, keep, state, demote=valid if demotes else None)
     if recipe.budget is not None:  # CAKE re-trims the layers before this one
         recipe.budget.rebalance(layer.cache.layers, module.layer_idx, budget_state)
 

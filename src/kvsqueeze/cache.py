@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvsqueeze import ragged
 from kvsqueeze.compat import rope_inverse_frequencies
-from kvsqueeze.quantized_store import QuantizedBody
+from kvsqueeze.quantized_store import Body, body_from_tensors, new_body, with_prefix
 from kvsqueeze.quantizers.base import RESIDUAL_DTYPE, Quantizer
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.context_seen: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
-        self.body: QuantizedBody | None = None
+        self.body: Body | None = None
 
     @property
     def quantizer(self) -> Quantizer | None:
@@ -85,7 +85,7 @@ class CompressedLayer(CacheLayerMixin):
         self.context_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.offsets = torch.zeros(batch, dtype=torch.long, device=self.device)
         if self.quantizer is not None:
-            self.body = QuantizedBody(self.quantizer, batch, heads, self.device)
+            self.body = new_body(self.quantizer, batch, heads, self.device)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -116,9 +116,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def _with_body(self, recent: torch.Tensor, name: str) -> torch.Tensor:
         """Per head, the quantized body's ``name`` entries then the recent window's: packed."""
-        if self.body is None or not self.body.tokens:
+        if self.body is None or self.body.empty:
             return recent
-        return ragged.concat(self.body.tokens[name].to(recent.dtype), self.body.lengths, recent, self.lengths)
+        return ragged.concat(self.body.field(name).to(recent.dtype), self.body.lengths, recent, self.lengths)
 
     def view(self) -> LayerView:
         """The padded ``[B, Hkv, L, D]`` view of what this layer holds (quantized tokens first)."""
@@ -128,7 +128,7 @@ class CompressedLayer(CacheLayerMixin):
         else:
             slots = ragged.pad(self._with_body(self.slots, "slots"), lengths, fill=-1).long()
         scores = None if self.scores is None else ragged.pad(self._with_body(self.scores, "scores"), lengths)
-        if self.body is not None and self.body.tokens:
+        if self.body is not None and not self.body.empty:
             older_keys, older_values = self.body.dequantized()
             keys = ragged.concat(older_keys.to(self.dtype), self.body.lengths, self.keys, self.lengths)
             values = ragged.concat(older_values.to(self.dtype), self.body.lengths, self.values, self.lengths)
@@ -144,20 +144,31 @@ class CompressedLayer(CacheLayerMixin):
             is_prefix=self.slots is None,
         )
 
-    def keep(self, view: LayerView, keep: torch.Tensor, scores: torch.Tensor | None) -> None:
+    def keep(
+        self,
+        view: LayerView,
+        keep: torch.Tensor,
+        scores: torch.Tensor | None,
+        demote: torch.Tensor | None = None,
+    ) -> None:
         """Replace storage by the ``keep [B, Hkv, L]`` subset of ``view`` (and new scorer state).
 
         Quantized tokens keep their codes (no re-quantization); recent ones are copied back.
+        ``demote [B, Hkv, L]`` (a demoting quantizer, ``mixed``) marks tokens to store in its
+        low-bit tier instead of dropping; tokens already there stay.
         """
+        moving = None
+        if demote is not None:
+            keep, moving = self._demotions(view, keep, demote, scores)
         in_body = torch.arange(keep.shape[-1], device=keep.device) < view.body_lengths[..., None]
         recent = (view.slots >= 0) & ~in_body
         evicted = not bool((keep == (view.slots >= 0)).all())
-        if self.body is not None and self.body.tokens:
+        if self.body is not None and not self.body.empty:
             if scores is not None:
-                self.body.tokens["scores"] = scores[in_body].float()
+                self.body.set_field("scores", scores[in_body].float())
             if evicted:
                 if self.slots is None:
-                    self.body.tokens["slots"] = view.slots[in_body].to(torch.int32)
+                    self.body.set_field("slots", view.slots[in_body].to(torch.int32))
                 self.body.keep(keep[in_body])
         if not evicted:
             self.scores = None if scores is None else scores[recent].float()
@@ -168,6 +179,23 @@ class CompressedLayer(CacheLayerMixin):
         self.slots = view.slots[kept].to(torch.int32)
         self.scores = None if scores is None else scores[kept].float()
         self.lengths = kept.sum(-1)
+        if moving is not None:
+            self.body.demote(*moving)
+
+    def _demotions(
+        self, view: LayerView, keep: torch.Tensor, demote: torch.Tensor, scores: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """The keep mask plus the low tier's tokens and the demoted ones' keys, values, fields
+        and counts per head (None if nothing new is demoted)."""
+        in_low = torch.arange(keep.shape[-1], device=keep.device) < self.body.low.lengths[..., None]
+        demote = demote & ~keep & ~in_low
+        if not bool(demote.any()):
+            return keep | in_low, None
+        fields = {"slots": view.slots[demote].to(torch.int32)}
+        if scores is not None:
+            fields["scores"] = scores[demote].float()
+        moving = (view.keys[demote].float(), view.values[demote].float(), fields, demote.sum(-1))
+        return keep | in_low, moving
 
     def settle(self) -> None:
         """Quantize, ``group_size`` at a time, the oldest tokens beyond each head's recent window."""
@@ -193,11 +221,18 @@ class CompressedLayer(CacheLayerMixin):
         """The per-token tensors of the recent (unquantized) part, by name."""
         return {name: getattr(self, name) for name in self.TOKEN_FIELDS if getattr(self, name) is not None}
 
-    def nbytes(self) -> int:
-        """Bytes held at rest by this layer (keys, values, slots, scorer state, lengths)."""
+    def nbytes(self, kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes held at rest by this layer (keys, values, slots, scorer state, lengths); with
+        ``kv_dtype``, keys and values held in the model's dtype count at ``kv_dtype``'s size."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        total = 0
+        for name, t in self.tensors().items():
+            resized = kv_dtype is not None and name in ("keys", "values") and t.dtype == self.dtype
+            total += t.numel() * (
+                torch.empty(0, dtype=kv_dtype).element_size() if resized else t.element_size()
+            )
+        return total
 
     def tokens_kept(self) -> int:
         return 0 if not self.is_initialized else int(self.held_lengths().sum())
@@ -241,10 +276,10 @@ class CompressedLayer(CacheLayerMixin):
         """Restore what ``tensors()`` returned, the true length ``seen`` and the model's dtype."""
         for name in self.TOKEN_FIELDS + self.ROW_FIELDS:
             setattr(self, name, tensors.get(name))
-        body = {key.removeprefix("body."): t for key, t in tensors.items() if key.startswith("body.")}
+        body = with_prefix(tensors, "body.")
         if body and self.quantizer is None:
             raise ValueError("quantized tensors found, but the recipe has no quantizer")
-        self.body = QuantizedBody.from_tensors(self.quantizer, body) if body else None
+        self.body = body_from_tensors(self.quantizer, body) if body else None
         self.dtype, self.device = dtype, self.keys.device
         self.seen = seen
         self.is_initialized = True
@@ -257,7 +292,7 @@ class CompressedLayer(CacheLayerMixin):
                 raise ValueError(f"{name} holds {packed.shape[0]} tokens, lengths say {total}")
         if self.body is not None:
             self.body.validate()
-            if self.body.tokens and ("slots" in self.body.tokens) != (self.slots is not None):
+            if not self.body.empty and (self.body.field("slots") is not None) != (self.slots is not None):
                 raise ValueError("quantized and recent tokens disagree on whether slots are stored")
         if self.slots is None and bool((self.held_lengths() != self.seen).any()):
             raise ValueError("a layer without stored slots must hold every token it has seen")
@@ -270,10 +305,9 @@ class CompressedLayer(CacheLayerMixin):
             return
         rows = self.lengths.numel()
         quantized = int(self._body_lengths().flatten()[0]) if rows else 0
-        if self.body is not None and self.body.tokens:
-            self.body.tokens["slots"] = torch.arange(quantized, dtype=torch.int32, device=self.device).repeat(
-                rows
-            )
+        if self.body is not None and not self.body.empty:
+            implied = torch.arange(quantized, dtype=torch.int32, device=self.device).repeat(rows)
+            self.body.set_field("slots", implied)
         self.slots = torch.arange(quantized, self.seen, dtype=torch.int32, device=self.device).repeat(rows)
 
     def shift_rows(self, shift: int) -> None:
@@ -282,8 +316,8 @@ class CompressedLayer(CacheLayerMixin):
             return
         self.ensure_slots()
         self.slots = self.slots + shift
-        if self.body is not None and "slots" in self.body.tokens:
-            self.body.tokens["slots"] = self.body.tokens["slots"] + shift
+        if self.body is not None and self.body.field("slots") is not None:
+            self.body.set_field("slots", self.body.field("slots") + shift)
         self.offsets = self.offsets + shift
         self.seen += shift
 
@@ -348,9 +382,15 @@ class CompressedCache(Cache):
             self._rope_inv_freq[device] = None if inv_freq is None else inv_freq.to(device)
         return self._rope_inv_freq[device]
 
-    def nbytes(self) -> int:
-        """Bytes actually held by the tensors of every layer."""
-        return sum(layer.nbytes() for layer in self.layers)
+    def nbytes(self, kv_dtype: torch.dtype | None = None) -> int:
+        """Bytes actually held by the tensors of every layer.
+
+        With ``kv_dtype`` (e.g. ``torch.float16``): the bytes this cache would hold in a model
+        running in that dtype — unquantized keys and values at its size; codes, scales, the
+        16-bit recent window of a quantizer and slot indices unchanged. Compare with
+        ``nbytes_full(kv_dtype)`` for the reduction a 16-bit deployment would see.
+        """
+        return sum(layer.nbytes(kv_dtype) for layer in self.layers)
 
     def nbytes_full(self, dtype: torch.dtype | None = None) -> int:
         """Bytes an uncompressed cache would hold for the same tokens (keys + values only).
@@ -446,8 +486,8 @@ def _stack_layers(cache: CompressedCache, layers: list[CompressedLayer]) -> Comp
     for layer in layers:
         tensors = layer.tensors()
         shift = seen - layer.seen
-        for name in ("slots", "body.token.slots", "offsets"):
-            if shift and name in tensors:
+        for name in tensors:
+            if shift and (name in ("slots", "offsets") or name.endswith("token.slots")):
                 tensors[name] = tensors[name] + shift
         named.append(tensors)
     if len({frozenset(tensors) for tensors in named}) > 1:

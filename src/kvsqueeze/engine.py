@@ -27,7 +27,9 @@ class ContextTooLongError(ValueError):
 
 @dataclass
 class GenerationResult:
-    """One answer with what it cost. Byte counts are measured after prefill (context + question)."""
+    """One answer with what it cost. Byte counts are measured after prefill (context + question);
+    ``kv_bytes_16bit``/``kv_bytes_full_16bit`` count the model's KV at 16 bits (see
+    ``CompressedCache.nbytes``), the reference the papers state ratios against."""
 
     answer: str
     recipe: str
@@ -37,6 +39,8 @@ class GenerationResult:
     tokens_kept: int
     kv_bytes: int
     kv_bytes_full: int
+    kv_bytes_16bit: int
+    kv_bytes_full_16bit: int
     kv_dtype: str
     compression_ratio: float
     prefill_seconds: float
@@ -107,6 +111,8 @@ def _footprint(cache: CompressedCache) -> dict:
         tokens_kept=cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1),
         kv_bytes=kv_bytes,
         kv_bytes_full=kv_bytes_full,
+        kv_bytes_16bit=cache.nbytes(torch.float16),
+        kv_bytes_full_16bit=cache.nbytes_full(torch.float16),
         kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
         compression_ratio=1.0 - kv_bytes / kv_bytes_full,
     )
@@ -372,9 +378,8 @@ class ContinuationLogits:
     """
 
     logits: torch.Tensor
-    kv_bytes: int
-    kv_bytes_full: int
-    kv_dtype: str
+    footprint: dict
+    """``kv_bytes``, ``kv_bytes_full``, their 16-bit counterparts, ``kv_dtype`` (see ``GenerationResult``)."""
     seconds: float
 
 
@@ -398,7 +403,7 @@ def continuation_logits(
     start = time.perf_counter()
     ids = torch.tensor([context_ids], device=device)
     first = prefill(model, cache, ids, torch.ones_like(ids), chunk_size)
-    kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+    footprint = _footprint(cache)
     rows = [first.float()]
     if len(continuation_ids) > 1:
         fed = torch.tensor([continuation_ids[:-1]], device=device)
@@ -415,8 +420,6 @@ def continuation_logits(
         rows.append(out.logits[0].float())
     return ContinuationLogits(
         logits=torch.cat(rows).cpu(),
-        kv_bytes=kv_bytes,
-        kv_bytes_full=kv_bytes_full,
-        kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
+        footprint=footprint,
         seconds=time.perf_counter() - start,
     )

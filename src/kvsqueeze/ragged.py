@@ -71,6 +71,15 @@ def concat(
     return out
 
 
+def split(
+    packed: torch.Tensor, first_lengths: torch.Tensor, second_lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``concat``: per head, the first ``first_lengths`` tokens and the rest."""
+    segment, within = _segment_layout(first_lengths + second_lengths)
+    first = within < first_lengths.flatten()[segment]
+    return packed[first], packed[~first]
+
+
 def append(packed: torch.Tensor, lengths: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """Append ``new [B, H, q, *F]`` after each head's stored tokens; returns the new packed tensor.
 

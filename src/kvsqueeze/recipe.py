@@ -64,6 +64,12 @@ class Recipe:
             self.scorer = self.budget.default_scorer()  # `duo` alone ranks its streaming heads itself
         if self.scorer is None and (self.ratio > 0 or self.budget is not None):
             raise RecipeError("a ratio or a budget needs a scorer to choose what to remove, e.g. snapkv@0.5")
+        demoting = self.quantizer is not None and self.quantizer.demotes
+        if demoting and self.budget is not None and self.budget.retrims:
+            raise RecipeError(
+                f"{self.quantizer.name} keeps dropped tokens in low bits, but {self.budget.name} "
+                "re-trims earlier layers by count; use pyramid, adakv or duo with it"
+            )
 
     @property
     def evicts(self) -> bool:

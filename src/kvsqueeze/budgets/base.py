@@ -29,6 +29,8 @@ class Budget(Component):
 
     kind = "budget"
     sets_own_counts: bool = False
+    retrims: bool = False
+    """True when ``rebalance`` evicts from earlier layers again (CAKE): by count, so not with ``mixed``."""
 
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict

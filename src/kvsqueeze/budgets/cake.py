@@ -89,6 +89,7 @@ class CAKE(Budget):
     tau1, tau2 : temperatures of the dispersion and shift terms (paper tunes them per model).
     """
 
+    retrims = True
     name = "cake"
     citation = (
         "Qin et al., 2025. CAKE: Cascading and Adaptive KV Cache Eviction with Layer Preferences. "

@@ -54,6 +54,14 @@ def _label_lengths(lengths: list[int]) -> str:
     return ", ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in sorted(lengths))
 
 
+def reduction_16bit(records: list[dict]) -> float | None:
+    """Bytes of a 16-bit full cache / bytes held with the model's KV at 16 bits, over ``records``
+    (None for records written before these fields existed)."""
+    if not records or any("kv_bytes_16bit" not in r for r in records):
+        return None
+    return sum(r["kv_bytes_full_16bit"] for r in records) / sum(r["kv_bytes_16bit"] for r in records)
+
+
 def summarize(records: list[dict]) -> dict:
     """Per (mode, recipe): mean score per task, mean over tasks, relative to full, ratio, samples."""
     records = [r for r in matched(records) if r["task"] != FIDELITY]
@@ -72,6 +80,7 @@ def summarize(records: list[dict]) -> dict:
                 "tasks": scores,
                 "mean": mean(scores.values()) if scores else None,
                 "ratio": mean(r["compression_ratio"] for r in mine),
+                "reduction_16bit": reduction_16bit(mine),
                 "kv_dtype": mine[0]["kv_dtype"],
                 "samples": len(mine),
                 "complete": len(scores) == len(tasks),
@@ -103,8 +112,10 @@ def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
         f"Model `{first['model']}`, lengths {_label_lengths(lengths)} tokens, seed {first['seed']}, "
         f"{samples} (task, length, sample) prompts. Scores: RULER string match, % of expected answers "
         "found (whole words, case-insensitive). **ratio** = 1 − KV bytes held / bytes of a full "
-        f"{first['kv_dtype']} cache of the same tokens, measured after prefill. **vs full** = mean score / "
-        "full-cache mean on the same samples.",
+        f"{first['kv_dtype']} cache of the same tokens, measured after prefill. **x 16-bit** = bytes of "
+        "a 16-bit full cache / bytes this cache holds with the model's KV in 16 bits (codes, scales and "
+        "indices unchanged), the papers' reference. **vs full** = mean score / full-cache mean on the "
+        "same samples.",
         "",
     ]
     for mode, block in summarize(records).items():
@@ -114,7 +125,7 @@ def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
             lines += ["The context is compressed before the question is seen.", ""]
         else:
             lines += ["The context is compressed with the (first) question visible and protected.", ""]
-        header = ["recipe", *tasks, "mean", "vs full", "ratio", "KV dtype", "n"]
+        header = ["recipe", *tasks, "mean", "vs full", "ratio", "x 16-bit", "KV dtype", "n"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for recipe, row in block["rows"].items():
             cells = [_pct(row["tasks"].get(t)) for t in tasks]
@@ -129,6 +140,7 @@ def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
                         mean_cell,
                         relative,
                         f"{100 * row['ratio']:.1f}%",
+                        "–" if row["reduction_16bit"] is None else f"{row['reduction_16bit']:.1f}x",
                         row["kv_dtype"],
                         str(row["samples"]),
                     ]

@@ -212,10 +212,7 @@ class _TaskRun:
             "depth": sample.depth,
             "info": sample.info,
             "score": sum(scores) / len(scores),
-            "kv_bytes": first.kv_bytes,
-            "kv_bytes_full": first.kv_bytes_full,
-            "kv_dtype": first.kv_dtype,
-            "compression_ratio": first.compression_ratio,
+            **_bytes_fields(asdict(first)),
             "prefill_seconds": sum(r.prefill_seconds for r in results),
             "decode_seconds": sum(r.decode_seconds for r in results),
             "wall_seconds": wall,
@@ -230,6 +227,12 @@ class _TaskRun:
                 questions=list(sample.questions),
             )
         return record
+
+
+def _bytes_fields(footprint: dict) -> dict:
+    names = ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit", "kv_dtype")
+    fields = {name: footprint[name] for name in names}
+    return {**fields, "compression_ratio": 1.0 - fields["kv_bytes"] / fields["kv_bytes_full"]}
 
 
 class _FidelityRun:
@@ -255,10 +258,7 @@ class _FidelityRun:
             "continuation_tokens": len(self.continuation),
             "score": metrics["top1"],
             **metrics,
-            "kv_bytes": result.kv_bytes,
-            "kv_bytes_full": result.kv_bytes_full,
-            "kv_dtype": result.kv_dtype,
-            "compression_ratio": 1.0 - result.kv_bytes / result.kv_bytes_full,
+            **_bytes_fields(result.footprint),
             "prefill_seconds": result.seconds,
             "decode_seconds": 0.0,
             "wall_seconds": result.seconds,

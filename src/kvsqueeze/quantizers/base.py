@@ -24,6 +24,8 @@ class Quantizer(Component):
     kind = "quantizer"
     group_size: int = 32
     residual: int = 32
+    demotes = False
+    """True when tokens the scorer drops are kept in fewer bits instead (``mixed``)."""
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
         """``keys``/``values`` ``[M, D]`` (M a multiple of ``group_size``; consecutive groups of

@@ -1,0 +1,43 @@
+"""Mixed precision by importance: the tokens a scorer would evict are kept in fewer bits instead."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvsqueeze.quantizers.base import Quantizer
+from kvsqueeze.quantizers.kivi import KIVI
+
+
+@dataclass
+class MixedPrecision(Quantizer):
+    """Two KIVI tiers: important tokens in ``high_bits``, the rest in ``low_bits``; none evicted.
+
+    With a scorer and a ratio (``snapkv+mixed@0.75``) the scorer's choice decides the precision
+    instead of survival: the tokens it keeps age into the ``high_bits`` tier like any KIVI cache,
+    the ``ratio`` share it would evict is re-quantized once into the ``low_bits`` tier (MiKV's
+    "no token left behind"; ZipCache's salient/non-salient split). A token demoted stays low; the
+    tokens generated after compression enter the high tier. Without a ratio every token is high.
+
+    Parameters
+    ----------
+    high_bits, low_bits : code widths of the two tiers (2, 4 or 8; low_bits <= high_bits).
+    group_size, residual : as in KIVI, for both tiers (a demoted head's last group may be short).
+    """
+
+    name = "mixed"
+    citation = (
+        "Yang et al., 2024. No Token Left Behind: Reliable KV Cache Compression via Importance-Aware "
+        "Mixed Precision Quantization (MiKV). arXiv:2402.18096"
+    )
+    demotes = True
+
+    high_bits: int = 4
+    low_bits: int = 2
+    group_size: int = 32
+    residual: int = 32
+
+    def __post_init__(self) -> None:
+        if self.low_bits > self.high_bits:
+            raise ValueError(f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+        self.high = KIVI(self.high_bits, self.group_size, self.residual)
+        self.low = KIVI(self.low_bits, self.group_size, self.residual)
