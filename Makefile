@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast test-serve serve bench bench-serve redis eval leaderboard clean
+.PHONY: demo test test-fast test-serve serve bench bench-serve bench-transformers redis eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py
 	$(BIN)/python benchmarks/prefill_overhead.py
+
+# kvsqueeze's quantizers next to transformers' QuantizedCache (quanto, HQQ, fp8) on the same samples;
+# installs the two optional backends into the virtualenv (hqq is then imported by transformers)
+bench-transformers: $(STAMP)
+	$(BIN)/pip install --quiet optimum-quanto==0.2.7 hqq==0.2.8.post1
+	$(BIN)/python benchmarks/transformers_quantized.py
 
 # a small eval of a few recipes on the default suite (resumable; see README "Evaluation")
 eval: $(STAMP)

@@ -3,9 +3,11 @@
 Eviction: theory = layers x KV heads x ceil((1 - ratio) x context tokens) x (key + value dims)
 x dtype size — an ideal cache keeping exactly the budget. Quantization (KIVI): theory = packed
 codes + 16-bit per-group key scales/minimums + 16-bit per-token value scales/minimums + the 16-bit
-recent window (+ int32 slot indices once tokens were evicted). Real bytes are ``cache.nbytes()``:
-every tensor held. Target: within 5%. Compression is shown against the model's fp32 cache and
-against a 16-bit cache (how the papers state it).
+recent window (+ int32 slot indices once tokens were evicted); GEAR adds its outliers (16-bit value
++ uint8 index), 16-bit low-rank rows per token and bases per group; ``mixed`` has a high and a low
+tier. Real bytes are ``cache.nbytes()``: every tensor held. Target: within 5%. Compression is shown
+against the model's fp32 cache and, for a 16-bit deployment, ``nbytes(torch.float16)`` against a
+16-bit cache (how the papers state it).
 """
 
 from __future__ import annotations
@@ -19,30 +21,53 @@ from rich.table import Table
 
 from kvsqueeze import Recipe
 from kvsqueeze.models import kv_cache_spec
+from kvsqueeze.quantizers import GEAR, MixedPrecision
 from kvsqueeze.scorers import SCORERS
 
 RATIOS = (0.5, 0.75, 0.9)
 QUANTIZED = (
     "kivi2",
     "kivi4",
+    "gear",
     "snapkv+kivi2@0.5",
     "snapkv+kivi2@0.75",
     "snapkv+kivi4@0.75",
     "snapkv+kivi2@0.9",
+    "snapkv+gear@0.75",
+    "snapkv+mixed@0.75",
+    "snapkv+mixed@0.9",
 )
 
 
-def kivi_bytes(recipe: Recipe, kept: int, head_dim: int, evicted: bool) -> int:
-    """Bytes one KV head holds under KIVI for ``kept`` tokens (full groups, one-shot prefill)."""
+def kivi_tier_bytes(quantizer, bits: int, quantized: int, head_dim: int) -> int:
+    """Codes and 16-bit scales/minimums of ``quantized`` tokens of one head (KIVI layout)."""
+    groups = math.ceil(quantized / quantizer.group_size)
+    value_groups = head_dim // quantizer.group_size if head_dim % quantizer.group_size == 0 else 1
+    codes = 2 * quantized * head_dim * bits // 8
+    key_scales = 2 * groups * head_dim * 2
+    value_scales = 2 * quantized * value_groups * 2
+    corrections = 0
+    if isinstance(quantizer, GEAR):  # 16-bit outlier + uint8 index, 16-bit low-rank rows and bases
+        outliers = math.ceil(quantizer.outliers * head_dim)
+        corrections = 2 * (
+            quantized * (3 * outliers + 2 * quantizer.rank) + groups * quantizer.rank * head_dim * 2
+        )
+    return codes + key_scales + value_scales + corrections
+
+
+def quantized_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> int:
+    """Bytes one KV head holds with a quantizer (one-shot prefill): the tokens kept age into the
+    (high) tier in whole groups, the rest of ``residual`` stays 16-bit; ``mixed`` puts the
+    ``tokens - kept`` the scorer drops in its low tier; int32 slots once anything moved."""
     quantizer = recipe.quantizer
     quantized = max(kept - quantizer.residual, 0) // quantizer.group_size * quantizer.group_size
-    recent = kept - quantized
-    value_groups = head_dim // quantizer.group_size if head_dim % quantizer.group_size == 0 else 1
-    codes = 2 * quantized * head_dim * quantizer.bits // 8
-    key_scales = 2 * (quantized // quantizer.group_size) * head_dim * 2
-    value_scales = 2 * quantized * value_groups * 2
-    window = 2 * recent * head_dim * 2
-    return codes + key_scales + value_scales + window + (4 * kept if evicted else 0)
+    window = 2 * (kept - quantized) * head_dim * 2
+    if isinstance(quantizer, MixedPrecision):
+        body = kivi_tier_bytes(quantizer, quantizer.high_bits, quantized, head_dim)
+        body += kivi_tier_bytes(quantizer, quantizer.low_bits, tokens - kept, head_dim)
+        return body + window + 4 * tokens
+    body = kivi_tier_bytes(quantizer, quantizer.bits, quantized, head_dim)
+    return body + window + (4 * kept if recipe.evicts else 0)
 
 
 def main() -> None:
@@ -62,7 +87,7 @@ def main() -> None:
         if recipe.quantizer is None:
             per_head = kept * 2 * head_dim * model.dtype.itemsize
         else:
-            per_head = kivi_bytes(recipe, kept, head_dim, evicted=recipe.evicts)
+            per_head = quantized_bytes(recipe, tokens, kept, head_dim)
         theory = layers * kv_heads * per_head
         excess = cache.nbytes() / theory
         worst = max(worst, abs(excess - 1))
@@ -74,7 +99,7 @@ def main() -> None:
             f"{theory:,}",
             f"{excess:.4f}",
             f"{fp32 / cache.nbytes():.1f}x",
-            f"{fp16 / cache.nbytes():.1f}x",
+            f"{fp16 / cache.nbytes(torch.float16):.1f}x",
         )
     Console(width=150).print(table)
     print(f"largest deviation from the theoretical bytes: {worst:.2%} (target <= 5%)")

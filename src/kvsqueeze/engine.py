@@ -122,7 +122,8 @@ def _answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set
     return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end an answer: the tokenizer's and the generation config's."""
     ids = {tokenizer.eos_token_id}
     configured = model.generation_config.eos_token_id
     ids.update(configured if isinstance(configured, list) else [configured])
@@ -237,7 +238,7 @@ def generate_batch(
     prefill_seconds = time.perf_counter() - start
     footprint = _footprint(cache)
 
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator)
@@ -321,7 +322,7 @@ def generate_multiturn(
     ]
     _check_length(model, tokenizer, [context_row], question_rows, max_new_tokens)
     context_ids = torch.tensor([context_row], device=device)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     mode = "query-aware" if query_aware else "query-agnostic"
 
     shared = CompressedCache(recipe)

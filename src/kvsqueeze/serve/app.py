@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvsqueeze.engine import _eos_ids
+from kvsqueeze.engine import eos_ids
 from kvsqueeze.models import max_context_length
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.metrics import Metrics
@@ -120,7 +120,7 @@ class Server:
             config.kv_memory,
             chunk_size=config.chunk_size,
             prefix_cache=prefix,
-            eos_ids=_eos_ids(model, tokenizer),
+            eos_ids=eos_ids(model, tokenizer),
             max_running=config.max_running,
         )
         self.store = TieredStore.from_specs(config.store_ram, list(config.stores))
