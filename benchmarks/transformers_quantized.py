@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from collections import defaultdict
+from functools import partial
+from statistics import mean
 
 import torch
 from rich.console import Console
@@ -28,6 +31,7 @@ from kvsqueeze import install, load_model
 from kvsqueeze.engine import decode, eos_ids, generate_multiturn, prefill, split_prompt
 from kvsqueeze.eval.metrics import string_match_all
 from kvsqueeze.eval.tasks import make_sample, resolve_tasks
+from kvsqueeze.models import kv_cache_spec
 
 KVSQUEEZE = ("full", "kivi2", "kivi4", "gear", "kivi2:group_size=16", "keydiff+mixed@0.75")
 TRANSFORMERS = {
@@ -73,10 +77,11 @@ def make_cache(backend: str, options: dict, config):
     return DynamicCache(config=config) if backend == "dynamic" else QuantizedCache(backend, config, **options)
 
 
-def answer_with_transformers_cache(model, tokenizer, sample, backend: str, options: dict) -> list[dict]:
+def answer_with_transformers_cache(model, tokenizer, sample, backend: str, options: dict) -> list[tuple]:
     """The query-agnostic path of ``generate_multiturn`` with a transformers cache (context, then
-    each question on its own copy of the context's cache)."""
+    each question on its own copy of the context's cache): ``(answer, bytes, 16-bit full bytes)``."""
     eos = eos_ids(model, tokenizer)
+    layers, kv_heads, head_dim = kv_cache_spec(model.config)
     prefixes = sample.answer_prefix
     prefixes = [prefixes] * len(sample.questions) if isinstance(prefixes, str) else list(prefixes)
     head, _ = split_prompt(tokenizer, sample.context, sample.questions[0])
@@ -93,8 +98,38 @@ def answer_with_transformers_cache(model, tokenizer, sample, backend: str, optio
         held = transformers_cache_bytes(cache)
         tokens = decode(model, cache, logits, mask, eos, sample.max_new_tokens)[0]
         text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
-        out.append({"answer": text, "bytes": held, "tokens": mask.shape[1]})
+        out.append((text, held, layers * kv_heads * mask.shape[1] * 2 * head_dim * 2))
     return out
+
+
+def answer_with_kvsqueeze(model, tokenizer, sample, recipe: str) -> list[tuple]:
+    """``generate_multiturn`` (what ``kvsqueeze eval`` runs): ``(answer, bytes, 16-bit full bytes)``."""
+    prefix = sample.answer_prefix if isinstance(sample.answer_prefix, str) else list(sample.answer_prefix)
+    results = generate_multiturn(
+        model,
+        tokenizer,
+        sample.context,
+        list(sample.questions),
+        recipe,
+        max_new_tokens=sample.max_new_tokens,
+        answer_prefix=prefix,
+    )
+    return [(r.answer, r.kv_bytes_16bit, r.kv_bytes_full_16bit) for r in results]
+
+
+def score_cache(samples, answer) -> tuple[float, float, dict]:
+    """Mean over tasks of each sample's mean answer score (as ``kvsqueeze eval`` reports), the
+    reduction against a 16-bit full cache over every answer, and the answers by sample."""
+    per_task, held, full16, answers = defaultdict(list), 0, 0, {}
+    for sample in samples:
+        results = answer(sample)
+        pairs = zip(results, sample.answers, strict=True)
+        scores = [string_match_all(text, expected) for (text, _, _), expected in pairs]
+        per_task[sample.task].append(sum(scores) / len(scores))
+        held += sum(bytes_held for _, bytes_held, _ in results)
+        full16 += sum(full for _, _, full in results)
+        answers[(sample.task, sample.index)] = [text for text, _, _ in results]
+    return 100 * mean(mean(v) for v in per_task.values()), full16 / held, answers
 
 
 def main() -> None:
@@ -106,66 +141,38 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model()
     install(model)
-    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    samples = [
-        make_sample(tokenizer, task, 1024, i)
-        for task in resolve_tasks(args.tasks)
-        for i in range(args.samples)
-    ]
-    rows, answers = [], {}
+    tasks = resolve_tasks(args.tasks)
+    samples = [make_sample(tokenizer, task, 1024, i) for task in tasks for i in range(args.samples)]
     start = time.perf_counter()
+    rows = []
     for recipe in KVSQUEEZE:
-        scores, held, full16 = [], 0, 0
-        for sample in samples:
-            prefix = (
-                sample.answer_prefix if isinstance(sample.answer_prefix, str) else list(sample.answer_prefix)
-            )
-            results = generate_multiturn(
-                model,
-                tokenizer,
-                sample.context,
-                list(sample.questions),
-                recipe,
-                max_new_tokens=sample.max_new_tokens,
-                answer_prefix=prefix,
-            )
-            for result, expected in zip(results, sample.answers, strict=True):
-                scores.append(string_match_all(result.answer, expected))
-                held += result.kv_bytes_16bit
-                full16 += result.kv_bytes_full_16bit
-            answers[(recipe, sample.task, sample.index)] = [r.answer for r in results]
-        rows.append((f"kvsqueeze `{recipe}`", scores, full16 / held))
+        score, reduction, answers = score_cache(
+            samples, partial(answer_with_kvsqueeze, model, tokenizer, recipe=recipe)
+        )
+        rows.append((f"kvsqueeze `{recipe}`", score, reduction))
+        if recipe == "full":
+            full_answers = answers
     for label, (backend, options) in TRANSFORMERS.items():
         if backend in PACKAGES and importlib.util.find_spec(PACKAGES[backend]) is None:
             rows.append((f"transformers {label} (not installed)", None, None))
             continue
-        scores, held, full16 = [], 0, 0
-        for sample in samples:
-            results = answer_with_transformers_cache(model, tokenizer, sample, backend, options)
-            for result, expected in zip(results, sample.answers, strict=True):
-                scores.append(string_match_all(result["answer"], expected))
-                held += result["bytes"]
-                full16 += layers * kv_heads * result["tokens"] * 2 * head_dim * 2
-            if backend == "dynamic":
-                same = answers[("full", sample.task, sample.index)] == [r["answer"] for r in results]
-                if not same:
-                    print(f"warning: DynamicCache and kvsqueeze full differ on {sample.task} #{sample.index}")
-        rows.append((f"transformers {label}", scores, full16 / held))
-    full_score = 100 * sum(rows[0][1]) / len(rows[0][1])
-    table = Table(
-        title=f"same {len(samples)} prompts ({args.tasks} suite, 1k tokens, seed 0), query-agnostic"
-    )
-    for column in ("cache", "score", "vs full", "x vs 16-bit full"):
+        answer = partial(answer_with_transformers_cache, model, tokenizer, backend=backend, options=options)
+        score, reduction, answers = score_cache(samples, answer)
+        rows.append((f"transformers {label}", score, reduction))
+        if backend == "dynamic" and answers != full_answers:
+            print("warning: DynamicCache and kvsqueeze `full` answered differently: the paths differ")
+    full_score = rows[0][1]
+    title = f"same {len(samples)} prompts ({', '.join(tasks)}; 1k tokens, seed 0), query-agnostic"
+    table = Table(title=title)
+    for column in ("cache", "mean score over tasks", "vs full", "x vs 16-bit full"):
         table.add_column(column, justify="right")
-    for label, scores, reduction in rows:
-        if scores is None:
+    for label, score, reduction in rows:
+        if score is None:
             table.add_row(label, "–", "–", "–")
             continue
-        score = 100 * sum(scores) / len(scores)
         table.add_row(label, f"{score:.1f}", f"{score / full_score:.2f}", f"{reduction:.2f}x")
     Console(width=120).print(table)
-    print(f"{len(scores)} answers per cache; wall time {time.perf_counter() - start:.0f} s")
+    print(f"wall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,10 @@ def _build_component(spec: str) -> Component:
             known = ", ".join(f"{k}=<value>" for k in defaults) or "none"
             raise RecipeError(f"bad option {item!r} for {name}; options: {known}")
         values[key] = _convert(raw, type(defaults[key]), f"{name}:{key}")
-    return component_cls(**values)
+    try:
+        return component_cls(**values)
+    except ValueError as error:  # an option value the component rejects (bits=3, retrieval=2)
+        raise RecipeError(f"{spec!r}: {error}") from None
 
 
 def _convert(raw: str, kind: type, where: str):
