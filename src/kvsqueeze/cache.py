@@ -445,7 +445,11 @@ class CompressedCache(Cache):
         return rows
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Named tensors (``"<layer>.<field>"``) and JSON-able metadata to rebuild this cache."""
+        """Named tensors (``"<layer>.<field>"``) and JSON-able metadata to rebuild this cache.
+
+        ``budget_state`` is not saved (nor stacked): budgets only keep state within one forward
+        (CAKE starts over at layer 0 of every compressed forward, DuoAttention reloads its profile).
+        """
         tensors = {
             f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.tensors().items()
         }
