@@ -9,10 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cache import KEPT_SLOTS, _kept_slots, _reference_attention, run
+from test_cache import masked_reference_logits, run
 from tiny_models import padded_batch, tiny_model
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvsqueeze.attention import install
 from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, DuoAttention, PyramidKV
@@ -311,16 +309,7 @@ def assert_matches_masked_reference(model, recipe: Recipe, ids, mask) -> Compres
     cache = CompressedCache(recipe)
     with torch.no_grad():
         compressed = run(model, cache, ids, mask)
-    KEPT_SLOTS.clear()
-    KEPT_SLOTS.update(_kept_slots(cache, ids.shape[1]))
-    AttentionInterface.register("kvsq_reference", _reference_attention)
-    AttentionMaskInterface.register(
-        "kvsq_reference", lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False})
-    )
-    model.set_attn_implementation("kvsq_reference")
-    with torch.no_grad():
-        reference = run(model, DynamicCache(config=model.config), ids, mask)
-    install(model)
+    reference = masked_reference_logits(model, cache, ids, mask)
     torch.testing.assert_close(compressed, reference, atol=1e-5, rtol=0)
     return cache
 

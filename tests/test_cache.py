@@ -106,6 +106,22 @@ def _kept_slots(cache: CompressedCache, context_length: int) -> dict[int, torch.
     return kept
 
 
+def masked_reference_logits(model, cache: CompressedCache, ids, mask) -> torch.Tensor:
+    """``run`` over a full ``DynamicCache`` with eager attention masking, per (layer, row, head),
+    every context token that ``cache`` did not keep; kvsqueeze's attention is installed again after."""
+    KEPT_SLOTS.clear()
+    KEPT_SLOTS.update(_kept_slots(cache, ids.shape[1]))
+    AttentionInterface.register("kvsq_reference", _reference_attention)
+    AttentionMaskInterface.register(
+        "kvsq_reference", lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False})
+    )
+    model.set_attn_implementation("kvsq_reference")
+    with torch.no_grad():
+        reference = run(model, DynamicCache(config=model.config), ids, mask)
+    install(model)
+    return reference
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_after_eviction_matches_masked_reference(arch):
     """Positions continue from the true length, and each head attends to exactly what it kept."""
@@ -120,21 +136,11 @@ def test_decode_after_eviction_matches_masked_reference(arch):
     assert lengths[0].tolist() == [12 + 3] * 2 and lengths[1].tolist() == [9 + 3] * 2
     assert not torch.equal(*_kept_slots(cache, ids.shape[1])[0][0])  # heads kept different tokens
 
-    KEPT_SLOTS.clear()
-    KEPT_SLOTS.update(_kept_slots(cache, ids.shape[1]))
-    AttentionInterface.register("kvsq_reference", _reference_attention)
-    AttentionMaskInterface.register(
-        "kvsq_reference", lambda *a, **k: sdpa_mask(*a, **{**k, "allow_is_causal_skip": False})
-    )
-    model.set_attn_implementation("kvsq_reference")
-    with torch.no_grad():
-        full = DynamicCache(config=model.config)
-        reference = run(model, full, ids, mask)
+    reference = masked_reference_logits(model, cache, ids, mask)
     # decode steps (index >= 1) see the evicted cache; the prefill logits are unaffected by eviction
     torch.testing.assert_close(compressed, reference, atol=1e-5, rtol=0)
 
     # negative control: positions taken from the stored length instead of the true one
-    install(model)
     wrong = CompressedCache(fixed_recipe(0.5))
     with torch.no_grad():
         prefill(model, wrong, ids, mask)
