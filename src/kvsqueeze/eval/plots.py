@@ -1,7 +1,8 @@
 """PNG plots of an eval directory (matplotlib, headless Agg backend).
 
-- ``score_vs_ratio[-MODE].png``: mean score over tasks against the real compression ratio, one
-  line per method, the full cache as a dashed reference line.
+- ``score_vs_ratio[-MODE].png``: mean score over tasks against the real reduction of KV bytes
+  against a 16-bit full cache (the papers' reference; older records without 16-bit bytes: the
+  compression ratio in the model's dtype), one line per method, the full cache dashed.
 - ``needle_heatmap[-MODE].png``: score of the single-needle tasks by needle depth x context
   length, one panel per recipe (rows: methods, columns: ratios).
 """
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from kvsqueeze.eval.report import matched, recipe_order, summarize
 from kvsqueeze.eval.runner import FULL
@@ -45,10 +47,13 @@ def write_plots(records: list[dict], out_dir: Path) -> list[Path]:
 
 
 def _score_vs_ratio(block: dict, mode: str, path: Path) -> Path:
+    # against a 16-bit full cache when every row has those bytes (older runs: the model's dtype)
+    sixteen = all(row["reduction_16bit"] is not None for row in block["rows"].values())
     lines = defaultdict(list)
     for recipe, row in block["rows"].items():
         if recipe != FULL and row["mean"] is not None:
-            lines[_method(recipe)].append((100 * row["ratio"], 100 * row["mean"]))
+            x = row["reduction_16bit"] if sixteen else 100 * row["ratio"]
+            lines[_method(recipe)].append((x, 100 * row["mean"]))
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     cmap = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
     for i, (method, points) in enumerate(sorted(lines.items())):
@@ -56,7 +61,12 @@ def _score_vs_ratio(block: dict, mode: str, path: Path) -> Path:
         ax.plot(*zip(*points, strict=True), marker="o", label=method, color=cmap(i % cmap.N))
     if block["full_mean"] is not None:
         ax.axhline(100 * block["full_mean"], color="black", linestyle="--", linewidth=1.2, label="full cache")
-    ax.set_xlabel("real compression ratio (% of KV bytes removed)")
+    if sixteen:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.set_xlabel("real reduction against a 16-bit full cache (x, log scale)")
+    else:
+        ax.set_xlabel("real compression ratio (% of KV bytes removed)")
     ax.set_ylabel("mean score over tasks (%)")
     tasks = ", ".join(block["tasks"])
     ax.set_title(f"Score vs compression ({mode})\n{tasks}", fontsize=9)
