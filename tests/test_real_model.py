@@ -53,3 +53,14 @@ def test_passkey_with_kivi_quantization(real_model, recipe):
     result = generate(model, tokenizer, context, "What is the pass key?", recipe, max_new_tokens=12)
     assert contains_answer(result.answer, "30571"), result.answer
     assert result.kv_bytes < result.kv_bytes_full / 4  # fp32 model; see the 16-bit ratio in benchmarks
+
+
+@pytest.mark.parametrize("recipe", ["snapkv+adakv@0.75", "keydiff+mixed@0.75"])
+def test_passkey_with_head_budgets_and_mixed_precision(real_model, recipe):
+    model, tokenizer = real_model
+    context = passkey_context(92734, 0.8)
+    result = generate(
+        model, tokenizer, context, "What is the pass key?", recipe, query_aware=True, max_new_tokens=12
+    )
+    assert contains_answer(result.answer, "92734"), result.answer
+    assert result.kv_bytes_16bit < result.kv_bytes_full_16bit / 3
