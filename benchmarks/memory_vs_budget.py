@@ -42,7 +42,8 @@ QUANTIZED = (
 def kivi_tier_bytes(quantizer, bits: int, quantized: int, head_dim: int) -> int:
     """Codes and 16-bit scales/minimums of ``quantized`` tokens of one head (KIVI layout)."""
     groups = math.ceil(quantized / quantizer.group_size)
-    value_groups = head_dim // quantizer.group_size if head_dim % quantizer.group_size == 0 else 1
+    value_size = getattr(quantizer, "value_group_size", 0) or quantizer.group_size
+    value_groups = head_dim // value_size if head_dim % value_size == 0 else 1
     codes = 2 * quantized * head_dim * bits // 8
     key_scales = 2 * groups * head_dim * 2
     value_scales = 2 * quantized * value_groups * 2

@@ -11,6 +11,7 @@ import pytest
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.cli import main
 from kvsqueeze.quantizers import QUANTIZERS
+from kvsqueeze.recipe import Recipe, split_recipes
 from kvsqueeze.scorers import SCORERS
 
 
@@ -107,3 +108,16 @@ def test_run_json_reports_bytes_and_times(real_model, tmp_path):
     assert report["recipe"] == "streaming@0.5"
     assert report["mode"] == "query-agnostic"
     assert 0.45 < 1 - report["kv_bytes"] / report["kv_bytes_full"] < 0.5
+
+
+def test_recipe_lists_keep_multi_option_recipes_whole():
+    text = "full, snapkv:window=64,kernel_size=5@0.5,kivi2:group_size=16,value_group_size=64,knorm@0.5"
+    assert split_recipes(text) == [
+        "full",
+        "snapkv:window=64,kernel_size=5@0.5",
+        "kivi2:group_size=16,value_group_size=64",
+        "knorm@0.5",
+    ]
+    assert [
+        str(Recipe.parse(r)) for r in split_recipes("snapkv:window=4+kivi2:group_size=8,residual=4@0.5")
+    ] == ["snapkv:window=4+kivi2:group_size=8,residual=4@0.5"]

@@ -49,6 +49,14 @@ def test_kivi_groups_keys_per_channel_and_values_per_token():
     assert bool(((decoded - keys).abs().reshape(2, 4, 8) <= ranges[:, None] / 6 + 1e-2).all())
 
 
+def test_value_groups_can_differ_from_key_groups():
+    keys, values = torch.randn(8, 16), torch.randn(8, 16)
+    per_token, per_group = KIVI2(group_size=4, value_group_size=16).encode(keys, values)
+    assert per_group["key_scale"].shape == (2, 16)  # keys: one scale per channel per 4 tokens
+    assert per_token["value_scale"].shape == (8, 1)  # values: one scale per token over 16 channels
+    assert KIVI2(group_size=4).encode(keys, values)[0]["value_scale"].shape == (8, 4)
+
+
 def held_bytes(cache: CompressedCache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
 

@@ -20,7 +20,7 @@ from kvsqueeze.eval.runner import EvalError
 from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
 from kvsqueeze.quantizers import QUANTIZERS
-from kvsqueeze.recipe import Recipe, RecipeError
+from kvsqueeze.recipe import Recipe, RecipeError, split_recipes
 from kvsqueeze.scorers import SCORERS
 from kvsqueeze.serve.cli import add_serve_command, run_serve
 
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, console: Console) -> int:
-    recipes = [Recipe.parse(text) for text in args.recipes.split(",")]
+    recipes = [Recipe.parse(text) for text in split_recipes(args.recipes)]
     options = _generation_kwargs(args)
     modes = [mode.strip() for mode in args.modes.split(",")]
     if unknown := set(modes) - set(MODES):
@@ -296,7 +296,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         if args.out is None:
             raise UsageError("--out DIR is required (where results.jsonl and summary.md go)")
         options = {
-            "recipes": [r for r in args.recipes.split(",") if r.strip()],
+            "recipes": split_recipes(args.recipes),
             "tasks": args.tasks,
             "lengths": [parse_length(t) for t in args.lengths.split(",") if t.strip()],
             "samples": args.samples,

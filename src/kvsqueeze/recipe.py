@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,18 @@ class Recipe:
             ranking, counts = self.budget.allocate(ranking, inputs, counts, state)
         ranking = ranking.masked_fill(protected, math.inf)
         return keep_mask(ranking, inputs.valid, counts), scorer_state
+
+
+def split_recipes(text: str) -> list[str]:
+    """Split a comma-separated list of recipes; a comma followed by ``option=`` continues the
+    options of the recipe before it (``snapkv:window=64,kernel_size=5@0.5,full`` is two)."""
+    recipes: list[str] = []
+    for piece in (part.strip() for part in text.split(",")):
+        if recipes and re.match(r"\w+=", piece) and ":" in recipes[-1].rpartition("+")[2]:
+            recipes[-1] += "," + piece
+        elif piece:
+            recipes.append(piece)
+    return recipes
 
 
 def _build_component(spec: str) -> Component:

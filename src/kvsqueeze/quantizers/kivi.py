@@ -25,6 +25,8 @@ class KIVI(Quantizer):
     bits : 2 or 4.
     group_size : tokens per key group, and channels per value group.
     residual : recent tokens per head kept in 16-bit floats.
+    value_group_size : channels per value group when it should differ from ``group_size``
+        (0 = ``group_size``).
     """
 
     name = "kivi"
@@ -35,15 +37,17 @@ class KIVI(Quantizer):
     bits: int = 2
     group_size: int = 32
     residual: int = 32
+    value_group_size: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
             raise ValueError(f"KIVI packs 2, 4 or 8 bits per code, not {self.bits}")
-        if self.group_size < 1 or self.residual < 0:
-            raise ValueError("group_size must be >= 1 and residual >= 0")
+        if self.group_size < 1 or self.residual < 0 or self.value_group_size < 0:
+            raise ValueError("group_size must be >= 1, residual and value_group_size >= 0")
 
     def _value_groups(self, dim: int) -> int:
-        return self.group_size if dim % self.group_size == 0 else dim
+        size = self.value_group_size or self.group_size
+        return size if dim % size == 0 else dim
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
         tokens, dim = keys.shape
