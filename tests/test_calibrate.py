@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny_models import tiny_model
 
 from kvsqueeze.budgets.head_profile import HeadProfile, find_profile, profile_key
 from kvsqueeze.calibrate import add_calibrate_command, calibrate, copy_samples, passkey_samples
@@ -24,18 +24,14 @@ def planted_model(seed: int = 0) -> torch.nn.Module:
     head looks back at earlier copies of the current token (RazorAttention's echo head). RoPE is
     made negligible (huge theta, and the two fastest-rotating dimensions left empty).
     """
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    model = tiny_model(
+        "llama",
+        seed,
+        layers=3,
         max_position_embeddings=1024,
         rope_parameters={"rope_type": "default", "rope_theta": 1e12},
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    config = model.config
     generator = torch.Generator().manual_seed(seed)
     head_dim, n_rep = config.head_dim, 2
     used = [d for d in range(head_dim) if d % (head_dim // 2) >= 2]  # skip the fast RoPE pairs

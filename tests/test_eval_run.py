@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from tiny_models import tiny_model
+from transformers import AutoTokenizer
 
 from kvsqueeze import CompressedCache, generate, install
 from kvsqueeze.cli import main
@@ -32,18 +33,9 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
     """A 2-layer random Llama whose vocabulary is the real tokenizer's."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
+    model = tiny_model(
+        "llama", vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
     return model, tokenizer
 
 

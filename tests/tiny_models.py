@@ -13,18 +13,21 @@ ARCHITECTURES = {
 }
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+def tiny_model(arch: str = "llama", seed: int = 0, layers: int = 2, **overrides) -> torch.nn.Module:
+    """2 KV heads shared by 4 query heads, hidden size 64; ``overrides`` change any config field."""
     config_cls, extra = ARCHITECTURES[arch]
-    config = config_cls(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+    fields = {
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
         **extra,
-    )
+        **overrides,
+    }
+    config = config_cls(**fields)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
 
