@@ -22,6 +22,7 @@ from rich.table import Table
 from kvsqueeze import Recipe
 from kvsqueeze.models import kv_cache_spec
 from kvsqueeze.quantizers import GEAR, MixedPrecision
+from kvsqueeze.quantizers.kivi import KIVI
 from kvsqueeze.scorers import SCORERS
 
 RATIOS = (0.5, 0.75, 0.9)
@@ -39,12 +40,12 @@ QUANTIZED = (
 )
 
 
-def kivi_tier_bytes(quantizer, bits: int, quantized: int, head_dim: int) -> int:
+def kivi_tier_bytes(quantizer: KIVI, quantized: int, head_dim: int) -> int:
     """Codes and 16-bit scales/minimums of ``quantized`` tokens of one head (KIVI layout)."""
     groups = math.ceil(quantized / quantizer.group_size)
-    value_size = getattr(quantizer, "value_group_size", 0) or quantizer.group_size
+    value_size = quantizer.value_group_size or quantizer.group_size
     value_groups = head_dim // value_size if head_dim % value_size == 0 else 1
-    codes = 2 * quantized * head_dim * bits // 8
+    codes = 2 * quantized * head_dim * quantizer.bits // 8
     key_scales = 2 * groups * head_dim * 2
     value_scales = 2 * quantized * value_groups * 2
     corrections = 0
@@ -64,10 +65,10 @@ def quantized_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> in
     quantized = max(kept - quantizer.residual, 0) // quantizer.group_size * quantizer.group_size
     window = 2 * (kept - quantized) * head_dim * 2
     if isinstance(quantizer, MixedPrecision):
-        body = kivi_tier_bytes(quantizer, quantizer.high_bits, quantized, head_dim)
-        body += kivi_tier_bytes(quantizer, quantizer.low_bits, tokens - kept, head_dim)
+        body = kivi_tier_bytes(quantizer.high, quantized, head_dim)
+        body += kivi_tier_bytes(quantizer.low, tokens - kept, head_dim)
         return body + window + 4 * tokens
-    body = kivi_tier_bytes(quantizer, quantizer.bits, quantized, head_dim)
+    body = kivi_tier_bytes(quantizer, quantized, head_dim)
     return body + window + (4 * kept if recipe.evicts else 0)
 
 

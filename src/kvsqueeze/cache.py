@@ -229,9 +229,7 @@ class CompressedLayer(CacheLayerMixin):
         total = 0
         for name, t in self.tensors().items():
             resized = kv_dtype is not None and name in ("keys", "values") and t.dtype == self.dtype
-            total += t.numel() * (
-                torch.empty(0, dtype=kv_dtype).element_size() if resized else t.element_size()
-            )
+            total += t.numel() * (kv_dtype.itemsize if resized else t.element_size())
         return total
 
     def tokens_kept(self) -> int:
@@ -402,7 +400,7 @@ class CompressedCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 batch, heads = layer.lengths.shape
-                size = torch.empty(0, dtype=dtype or layer.dtype).element_size()
+                size = (dtype or layer.dtype).itemsize
                 dims = layer.keys.shape[-1] + layer.values.shape[-1]
                 total += batch * heads * layer.seen * dims * size
         return total

@@ -86,7 +86,7 @@ class Runner:
         self.eos_ids = frozenset(eos_ids)
         self.prefill_tokens_per_step = prefill_tokens_per_step
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
-        element = torch.empty(0, dtype=model.dtype).element_size()
+        element = model.dtype.itemsize
         # keys + values, and the int32 slot a stacked or compressed row stores per token
         self.entry_bytes = 2 * head_dim * element + 4
         self.entries_per_token = layers * kv_heads
