@@ -37,6 +37,8 @@ QUANTIZED = (
     "snapkv+gear@0.75",
     "snapkv+mixed@0.75",
     "snapkv+mixed@0.9",
+    "kvzip+kivi4@0.75",
+    "kvzip+words+kivi4@0.85",
 )
 
 
@@ -60,9 +62,12 @@ def kivi_tier_bytes(quantizer: KIVI, quantized: int, head_dim: int) -> int:
 def quantized_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> int:
     """Bytes one KV head holds with a quantizer (one-shot prefill): the tokens kept age into the
     (high) tier in whole groups, the rest of ``residual`` stays 16-bit; ``mixed`` puts the
-    ``tokens - kept`` the scorer drops in its low tier; int32 slots once anything moved."""
+    ``tokens - kept`` the scorer drops in its low tier; int32 slots once anything moved. KVzip's
+    copy of the context pushes every kept token out of the 16-bit window before it is cropped."""
     quantizer = recipe.quantizer
     quantized = max(kept - quantizer.residual, 0) // quantizer.group_size * quantizer.group_size
+    if recipe.reconstructs:
+        quantized = kept
     window = 2 * (kept - quantized) * head_dim * 2
     if isinstance(quantizer, MixedPrecision):
         body = kivi_tier_bytes(quantizer.high, quantized, head_dim)
@@ -73,7 +78,7 @@ def quantized_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> in
 
 
 def main() -> None:
-    model, _, ids = model_and_context()
+    model, tokenizer, ids = model_and_context()
     layers, kv_heads, head_dim = kv_cache_spec(model.config)
     tokens = ids.shape[1]
     recipes = [Recipe.parse(f"{name}@{ratio}") for name in SCORERS for ratio in RATIOS]
@@ -84,7 +89,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     worst = 0.0
     for recipe in recipes:
-        cache, _ = timed_prefill(model, ids, recipe)
+        cache, _ = timed_prefill(model, tokenizer, ids, recipe)
         kept = math.ceil((1 - recipe.ratio) * tokens)
         if recipe.quantizer is None:
             per_head = kept * 2 * head_dim * model.dtype.itemsize

@@ -20,9 +20,9 @@ REPEATS = 5
 
 
 def main() -> None:
-    model, _, ids = model_and_context()
+    model, tokenizer, ids = model_and_context()
     full = Recipe.parse("full")
-    timed_prefill(model, ids, full)  # warm-up
+    timed_prefill(model, tokenizer, ids, full)  # warm-up
     table = Table(title=f"prefill time vs full cache, {ids.shape[1]} tokens, median of {REPEATS}")
     for column in ("recipe", "extra attention pass", "full s", "compressed s", "ratio", "target"):
         table.add_column(column, justify="right")
@@ -30,8 +30,8 @@ def main() -> None:
         recipe = Recipe.parse(f"{name}@0.75")
         full_times, method_times = [], []
         for _ in range(REPEATS):
-            full_times.append(timed_prefill(model, ids, full)[1])
-            method_times.append(timed_prefill(model, ids, recipe)[1])
+            full_times.append(timed_prefill(model, tokenizer, ids, full)[1])
+            method_times.append(timed_prefill(model, tokenizer, ids, recipe)[1])
         ratio = statistics.median(method_times) / statistics.median(full_times)
         needs_attention = scorer_cls.needs_attention
         target = "-" if needs_attention else ("met" if ratio <= 1.10 else "[red]missed[/]")

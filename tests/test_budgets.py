@@ -13,12 +13,12 @@ from test_cache import masked_reference_logits, run
 from tiny_models import padded_batch, tiny_model
 
 from kvsqueeze.attention import install
-from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, DuoAttention, PyramidKV
+from kvsqueeze.budgets import BUDGETS, CAKE, AdaKV, DuoAttention, GlobalThreshold, PyramidKV
 from kvsqueeze.budgets.adakv import comparable
 from kvsqueeze.budgets.cake import layer_preference, water_fill
 from kvsqueeze.budgets.head_profile import HeadProfile, ProfileNotFoundError
 from kvsqueeze.cache import CompressedCache
-from kvsqueeze.engine import prefill
+from kvsqueeze.engine import prefill, prefill_context
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers import KNorm
 from kvsqueeze.scorers.base import Scorer, inputs_from_tensors
@@ -52,7 +52,7 @@ def kept_slots(keep: torch.Tensor, row: int = 0) -> list[set[int]]:
 
 
 def test_registry_names_citations_and_options():
-    assert list(BUDGETS) == ["pyramid", "adakv", "cake", "duo"]
+    assert list(BUDGETS) == ["pyramid", "adakv", "cake", "duo", "global"]
     for name, cls in BUDGETS.items():
         assert cls.name == name and cls.kind == "budget" and "arXiv:" in cls.citation
         assert dataclasses.is_dataclass(cls) and cls.__doc__ and len(cls.__doc__) > 200
@@ -244,6 +244,40 @@ def test_cake_never_holds_more_than_the_total_after_a_layer(monkeypatch):
             assert sum(kept) <= 4 * budget
 
 
+# --- one global threshold ---------------------------------------------------------------------
+
+
+def test_global_keeps_the_best_tokens_of_the_whole_model_after_the_last_layer():
+    cache = CompressedCache(Recipe(scorer=KNorm(), ratio=0.5, budget=GlobalThreshold()))
+    keys = [randn(1, 2, 40, D, seed=1), randn(1, 2, 40, D, seed=2)]
+    keys[1][0, 0] *= 0.1  # layer 1, head 0: far smaller keys, so KNorm ranks its tokens higher
+    compress_by_hand(cache, 0, keys[0], randn(1, 4, 4, D, seed=3), num_layers=2)
+    assert cache.layers[0].lengths.tolist() == [[40, 40]]  # nothing trimmed before the last layer
+    compress_by_hand(cache, 1, keys[1], randn(1, 4, 4, D, seed=4), num_layers=2)
+    norms = torch.stack([k[0].norm(dim=-1) for k in keys])  # [layer, head, token]
+    best = set(torch.argsort(norms.flatten())[: 2 * 2 * 20].tolist())  # the uniform total: 80
+    held = set()
+    for index, layer in enumerate(cache.layers):
+        for head in range(2):
+            slots = layer.view().slots[0, head]
+            held.update(((index * 2 + head) * 40 + slots[slots >= 0]).tolist())
+    assert held == best
+    assert cache.layers[1].lengths[0, 0] > 35 > cache.layers[0].lengths[0, 0]
+
+
+def test_global_with_kvzip_and_protected_tokens_keeps_the_uniform_total(tiny):
+    model, tokenizer = tiny
+    install(model)
+    context = "The museum opens at nine. " * 8 + "The pass key is 4417. " + "Tea is at four. " * 8
+    ids = torch.tensor([tokenizer.encode(context)])
+    cache = CompressedCache(Recipe.parse("kvzip+global@0.75"))
+    prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    budget = math.ceil(0.25 * ids.shape[1])
+    held = torch.stack([layer.held_lengths()[0] for layer in cache.layers])
+    assert int(held.sum()) == 2 * 2 * budget and len(set(held.flatten().tolist())) > 1
+    assert cache.get_seq_length() == ids.shape[1]
+
+
 # --- DuoAttention -------------------------------------------------------------------------------
 
 
@@ -333,14 +367,23 @@ def test_adakv_ragged_heads_decode_like_a_masked_reference():
 
 
 @pytest.mark.parametrize(
-    "recipe", ["snapkv:window=4+pyramid:beta=4@0.5", "snapkv:window=4+cake:window=4@0.5"]
+    "recipe",
+    [
+        "snapkv:window=4+pyramid:beta=4@0.5",
+        "snapkv:window=4+cake:window=4@0.5",
+        "snapkv:window=4+global@0.5",
+    ],
 )
 def test_layer_budgets_decode_like_a_masked_reference(recipe):
     model = tiny_model("llama", layers=3)
     ids, mask = padded_batch([40, 29], seed=4)
     cache = assert_matches_masked_reference(model, Recipe.parse(recipe), ids, mask)
-    per_layer = [int(layer.lengths[0].amax()) - 3 for layer in cache.layers]  # minus 3 decode tokens
-    assert len(set(per_layer)) > 1 and sum(per_layer) == 3 * 20
+    per_head = torch.stack([layer.lengths[0] - 3 for layer in cache.layers])  # minus 3 decode tokens
+    if "global" in recipe:  # one threshold: heads differ too, the model-wide total is the uniform one
+        assert int(per_head.sum()) == 3 * 2 * 20 and len(set(per_head.flatten().tolist())) > 2
+    else:
+        per_layer = per_head.amax(-1).tolist()
+        assert len(set(per_layer)) > 1 and sum(per_layer) == 3 * 20
     assert cache.nbytes() == stored_bytes(cache)
 
 

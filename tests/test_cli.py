@@ -13,6 +13,7 @@ from kvsqueeze.cli import main
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, split_recipes
 from kvsqueeze.scorers import SCORERS
+from kvsqueeze.units import UNITS
 
 
 def kvsqueeze(*args: str) -> subprocess.CompletedProcess:
@@ -24,7 +25,7 @@ def kvsqueeze(*args: str) -> subprocess.CompletedProcess:
 def test_methods_lists_every_scorer_with_its_paper(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name, scorer_cls in {**SCORERS, **BUDGETS, **QUANTIZERS}.items():
+    for name, scorer_cls in {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS}.items():
         assert name in out
         assert scorer_cls.citation.split(".")[0] in out  # "Authors et al., year"
 
@@ -46,6 +47,7 @@ def test_every_command_has_help(command, capsys):
         (["--recipe", "snapkv@lots"], "is not a number"),
         (["--recipe", "snapkv:windw=8@0.5"], "options: window=<value>, kernel_size=<value>"),
         (["--recipe", "snapkv"], "needs a ratio"),
+        (["--recipe", "kvzip+cake@0.5"], "use global, pyramid or adakv"),
         (["--context-file", "/no/such/file.txt"], "cannot read --context-file"),
         (["--chunk-size", "0"], "--chunk-size must be a positive"),
     ],

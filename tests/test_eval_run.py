@@ -6,37 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tiny_models import tiny_model
-from transformers import AutoTokenizer
 
-from kvsqueeze import CompressedCache, generate, install
+from kvsqueeze import generate
 from kvsqueeze.cli import main
-from kvsqueeze.engine import _drop_slots_from, continuation_logits, generate_multiturn, prefill
+from kvsqueeze.engine import continuation_logits, generate_multiturn
 from kvsqueeze.eval import runner as runner_module
 from kvsqueeze.eval.metrics import fidelity
 from kvsqueeze.eval.report import summarize
 from kvsqueeze.eval.runner import EvalConfig, EvalError, load_records, run_eval
-from kvsqueeze.models import converted_checkpoint_dir, load_model
 
 CONTEXT = "The museum opens at nine. " * 30 + "The secret word is pelican. " + "Tea is served at four. " * 30
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The embedded model's tokenizer alone (converts the model once if nothing did yet)."""
-    if not (converted_checkpoint_dir() / "tokenizer.json").exists():
-        load_model(device="cpu")
-    return AutoTokenizer.from_pretrained(converted_checkpoint_dir())
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    """A 2-layer random Llama whose vocabulary is the real tokenizer's."""
-    model = tiny_model(
-        "llama", vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=True
-    )
-    return model, tokenizer
 
 
 def _config(**overrides) -> EvalConfig:
@@ -85,19 +64,6 @@ def test_later_turns_answer_against_an_untouched_copy(tiny):
     assert [t.mode for t in aware] == ["query-aware"] * 3
     # later turns hold the context compressed for the first question, its tokens evicted
     assert aware[1].kv_bytes < aware[0].kv_bytes
-
-
-def test_drop_slots_evicts_the_tail_and_keeps_positions(tiny):
-    model, _ = tiny
-    install(model)
-    cache = CompressedCache()
-    ids = torch.randint(5, 1000, (1, 40))
-    prefill(model, cache, ids, torch.ones_like(ids))
-    _drop_slots_from(cache, 30)
-    assert cache.get_seq_length() == 40
-    for layer in cache.layers:
-        assert int(layer.lengths.min()) == int(layer.lengths.max()) == 30
-        assert int(layer.slots.max()) == 29
 
 
 def test_continuation_logits_full_is_exact_and_compression_diverges(tiny, tokenizer):

@@ -75,7 +75,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def test_registry_order_and_metadata():
     assert list(SCORERS) == [
-        "random", "streaming", "knorm", "h2o", "tova", "snapkv", "expected", "keydiff", "chunkkv",
+        "random", "streaming", "knorm", "h2o", "tova", "snapkv", "expected", "keydiff", "chunkkv", "kvzip",
     ]  # fmt: skip
     for name, cls in SCORERS.items():
         assert cls.name == name and cls.__doc__ and dataclasses.is_dataclass(cls)

@@ -44,3 +44,10 @@ def test_serve_subcommand_defaults_to_loopback_and_repeats_stores_and_keys():
     assert args.host == "127.0.0.1" and args.kv_memory == 1 << 30
     assert args.store == ["/tmp/s", "redis://127.0.0.1:1/0"] and args.api_key == ["a", "b"]
     assert args.recipe == "full" and args.chunk_size == 256
+
+
+def test_serve_refuses_a_recipe_it_cannot_run_before_loading_the_model(capsys):
+    from kvsqueeze.cli import main
+
+    assert main(["serve", "--recipe", "kvzip@0.5", "--model", "/no/such/model"]) == 2
+    assert "reconstruction pass" in capsys.readouterr().err

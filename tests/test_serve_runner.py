@@ -17,11 +17,13 @@ from kvsqueeze.serve.scheduler import Sequence
 CHUNK = 8
 
 
-def reference(model, recipe, context, prompt, max_tokens, chunk=CHUNK):
+def reference(model, recipe, context, prompt, max_tokens, chunk=CHUNK, tokenizer=None):
     """One request alone: context prefilled in chunks and compressed, prompt kept whole, greedy."""
     cache = CompressedCache(recipe)
     ids = torch.tensor([context + prompt])
     mask = torch.ones_like(ids)
+    if recipe.unit is not None:
+        cache.set_units(recipe.unit.unit_ids(tokenizer, ids[:, : len(context)], mask[:, : len(context)]))
     if context:
         prefill(model, cache, ids[:, : len(context)], mask[:, : len(context)], chunk)
     with cache.settings(compress_prefill=False):
@@ -85,6 +87,21 @@ def test_continuous_batching_matches_each_request_alone(recipe):
         assert seq.sink.done["finish_reason"] == "length"
     assert runner.stats.max_running >= 3
     assert runner.cache is None and not runner.scheduler.has_work()
+
+
+def test_words_are_kept_whole_in_the_server_as_in_the_engine(tiny):
+    model, tokenizer = tiny
+    install(model)
+    recipe = Recipe.parse("knorm+words@0.5")
+    context = tokenizer.encode("The pass key is 4417093, not 51. " * 5)
+    seq = Sequence(context=context, prompt=tokenizer.encode(" Key?"), max_tokens=4, sink=Collector())
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, tokenizer=tokenizer)
+    run_until_done(runner, [seq])
+    assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, 4, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Runner(model, recipe, kv_memory=1 << 30)
+    with pytest.raises(ValueError, match="reconstruction"):
+        Runner(model, Recipe.parse("kvzip@0.5"), kv_memory=1 << 30, tokenizer=tokenizer)
 
 
 def test_small_budget_waits_and_preempts_without_mixing_answers():

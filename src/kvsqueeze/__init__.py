@@ -2,7 +2,7 @@
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
-from kvsqueeze.engine import GenerationResult, generate, generate_batch
+from kvsqueeze.engine import GenerationResult, generate, generate_batch, prefill_context
 from kvsqueeze.models import DEFAULT_MODEL, load_model
 from kvsqueeze.recipe import Recipe
 
@@ -15,4 +15,5 @@ __all__ = [
     "generate_batch",
     "install",
     "load_model",
+    "prefill_context",
 ]

@@ -127,6 +127,7 @@ def compress_layer(
         rope_inv_freq=layer.cache.rope_inv_freq(config, query.device),
         previous_scores=view.scores,
         config=config,
+        units=layer.cache.units_of(view.slots),
     )
     valid = inputs.valid
     protect_from = layer.cache.protect_from

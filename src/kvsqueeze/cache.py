@@ -238,6 +238,22 @@ class CompressedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.seen
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``tokens_to_remove`` slots as if they had never been fed: their tokens
+        leave storage and ``seen`` rewinds, so the next token takes the first forgotten slot.
+
+        With a quantizer, earlier tokens that the forgotten ones pushed out of the 16-bit recent
+        window stay quantized."""
+        if not self.is_initialized or tokens_to_remove <= 0:
+            return
+        length = self.seen - tokens_to_remove
+        implied = self.slots is None
+        view = self.view()
+        self.keep(view, (view.slots >= 0) & (view.slots < length), view.scores)
+        self.seen = length
+        if implied and (self.body is None or self.body.empty):
+            self.slots = None  # every head still holds slots 0..length-1
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
@@ -350,6 +366,7 @@ class CompressedCache(Cache):
         self.protect_from: int | None = None
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
         self.budget_state: dict = {}
+        self.unit_ids: torch.Tensor | None = None
 
     @contextmanager
     def settings(self, compress_prefill: bool | None = None, protect_from: int | None = None):
@@ -367,6 +384,31 @@ class CompressedCache(Cache):
             yield self
         finally:
             self.compress_prefill, self.protect_from = saved
+
+    def set_units(self, unit_ids: torch.Tensor | None) -> None:
+        """Give the first ``n`` slots of each row their unit, ``unit_ids [B, n]`` (the slot of the
+        unit's first token; ``Unit.unit_ids``), for recipes that keep units whole."""
+        self.unit_ids = unit_ids
+
+    def units_of(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """``[B, H, L]`` unit of each slot in ``slots``; a slot past the known ones is its own unit."""
+        if self.unit_ids is None:
+            return None
+        known = self.unit_ids.to(slots.device)
+        batch, count = known.shape
+        inside = (slots >= 0) & (slots < count)
+        looked_up = known.gather(1, slots.clamp(0, count - 1).reshape(batch, -1)).reshape(slots.shape)
+        return torch.where(inside, looked_up, slots)
+
+    def count_context(self, tokens: torch.Tensor) -> None:
+        """Add ``tokens [B]`` context tokens per row to every layer's budget base.
+
+        A compression step counts only the unprotected tokens of its own chunk; context fed with
+        compression off and compressed later (KVzip's reconstruction pass) is counted here.
+        """
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.context_seen = layer.context_seen + tokens.to(layer.device)
 
     def compresses(self, query_length: int) -> bool:
         """Whether a forward of ``query_length`` new tokens is compressed."""

@@ -23,6 +23,7 @@ from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, RecipeError, split_recipes
 from kvsqueeze.scorers import SCORERS
 from kvsqueeze.serve.cli import add_serve_command, run_serve
+from kvsqueeze.units import UNITS
 
 DEMO_RECIPES = "full,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
 EVAL_RECIPES = "full,snapkv@0.75,chunkkv@0.75,streaming@0.75"
@@ -391,12 +392,13 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
 
 def methods_table() -> Table:
     table = Table(
-        title="kvsqueeze methods (recipe: scorer[+budget][+quantizer]@ratio, each name[:option=value,...])"
+        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+quantizer]@ratio, "
+        "each name[:option=value,...])"
     )
     for name in ("kind", "name", "paper", "options"):
         table.add_column(name)
     table.add_row("-", "full", "no compression (the baseline)", "")
-    for registry in (SCORERS, BUDGETS, QUANTIZERS):
+    for registry in (SCORERS, BUDGETS, UNITS, QUANTIZERS):
         for name, component_cls in registry.items():
             options = ", ".join(f"{k}={v}" for k, v in component_cls().options().items())
             table.add_row(component_cls.kind, name, component_cls.citation, options)

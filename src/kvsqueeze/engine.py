@@ -3,7 +3,9 @@
 Query-agnostic (default): the context is prefilled and compressed before the question is seen,
 then the question is appended uncompressed — the realistic case for a context reused by many
 questions. Query-aware: context and question are prefilled together and the question tokens are
-protected, so scorers that look at recent queries (SnapKV) see the question.
+protected, so scorers that look at recent queries (SnapKV) see the question. A scorer that
+reconstructs (KVzip) compresses the context on a pass of its own (``prefill_context``) and never
+sees the question, in either mode.
 """
 
 from __future__ import annotations
@@ -102,6 +104,66 @@ def prefill(
         )
         logits = out.logits[:, -1]
     return logits
+
+
+REPEAT_REQUEST = "Repeat the previous context exactly."
+"""What KVzip's reconstruction pass asks for before the copy of the context."""
+
+
+def prefill_context(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    cache: CompressedCache,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Prefill the context ``ids [B, n]`` compressed by the cache's recipe.
+
+    Most recipes compress chunk by chunk as the context is fed (``prefill``). A recipe whose
+    scorer reconstructs (KVzip) gets the context whole, uncompressed, then one more pass: a repeat
+    request and a copy of each row's context, teacher-forced (``tokenizer`` frames the request).
+    That pass is compressed with the copy protected, then the copy is cropped off the cache, so
+    the cache afterwards holds context tokens only and the next token follows the context.
+
+    A recipe with a unit (``words``) gets each context token's unit from ``tokenizer`` first.
+    The context must be the first thing the cache is fed.
+
+    Returns the logits of the last context position ``[B, vocab]``.
+    """
+    recipe = cache.recipe
+    if recipe is None or not recipe.evicts:
+        return prefill(model, cache, ids, mask, chunk_size)
+    if tokenizer is None and (recipe.unit is not None or recipe.reconstructs):
+        raise ValueError(f"{recipe} reads the context's tokens: pass the tokenizer")
+    if recipe.unit is not None:
+        cache.set_units(recipe.unit.unit_ids(tokenizer, ids, mask[:, -ids.shape[1] :]))
+    if not recipe.reconstructs:
+        return prefill(model, cache, ids, mask, chunk_size)
+    with cache.settings(compress_prefill=False):
+        logits = prefill(model, cache, ids, mask, chunk_size)
+    context_length = cache.get_seq_length()
+    request, header = _repeat_request(tokenizer)
+    rows = []
+    for row_ids, row_mask in zip(ids.tolist(), mask[:, -ids.shape[1] :].tolist(), strict=True):
+        row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
+        rows.append(request + (row[len(header) :] if row[: len(header)] == header else row))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    copy_ids, copy_mask = (t.to(ids.device) for t in _left_pad(rows, pad_id))
+    cache.count_context(mask.sum(-1))
+    with cache.settings(protect_from=context_length):
+        prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
+    cache.crop(copy_ids.shape[1])
+    return logits
+
+
+def _repeat_request(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """Token ids of the repeat request (ending the user's turn, opening the answer) and of the
+    chat header that precedes a context (not copied: the copy is the user's text)."""
+    marker = "<<context>>"
+    header, turn_end = chat_prompt(tokenizer, marker).split(marker)
+    request = tokenizer.encode(f"\n\n{REPEAT_REQUEST}{turn_end}", add_special_tokens=False)
+    return request, tokenizer.encode(header, add_special_tokens=False)
 
 
 def _footprint(cache: CompressedCache) -> dict:
@@ -227,12 +289,12 @@ def generate_batch(
 
     cache = CompressedCache(recipe)
     start = time.perf_counter()
-    if query_aware:
+    if query_aware and not recipe.reconstructs:
         with cache.settings(protect_from=context_ids.shape[1]):
             ids = torch.cat([context_ids, question_ids], dim=1)
-            logits = prefill(model, cache, ids, mask, chunk_size)
+            logits = prefill_context(model, tokenizer, cache, ids, mask, chunk_size)
     else:
-        prefill(model, cache, context_ids, context_mask, chunk_size)
+        prefill_context(model, tokenizer, cache, context_ids, context_mask, chunk_size)
         with cache.settings(compress_prefill=False):
             logits = prefill(model, cache, question_ids, mask)
     prefill_seconds = time.perf_counter() - start
@@ -273,14 +335,6 @@ def _check_length(
             f"prompt needs {needed} tokens (context + question + {max_new_tokens} new) but the model "
             f"supports {limit}; shorten the context or lower --max-new-tokens"
         )
-
-
-def _drop_slots_from(cache: CompressedCache, slot: int) -> None:
-    """Evict every stored token at ``slot`` or later (RoPE positions keep counting, as after eviction)."""
-    for layer in cache.layers:
-        if layer.is_initialized:
-            view = layer.view()
-            layer.keep(view, (view.slots >= 0) & (view.slots < slot), view.scores)
 
 
 def generate_multiturn(
@@ -328,23 +382,24 @@ def generate_multiturn(
     shared = CompressedCache(recipe)
     start = time.perf_counter()
     first_logits = None
-    if query_aware:
+    sees_question = query_aware and not recipe.reconstructs
+    if sees_question:
         ids = torch.cat([context_ids, torch.tensor([question_rows[0]], device=device)], dim=1)
         with shared.settings(protect_from=len(context_row)):
-            first_logits = prefill(model, shared, ids, torch.ones_like(ids), chunk_size)
+            first_logits = prefill_context(model, tokenizer, shared, ids, torch.ones_like(ids), chunk_size)
     else:
-        prefill(model, shared, context_ids, torch.ones_like(context_ids), chunk_size)
+        prefill_context(model, tokenizer, shared, context_ids, torch.ones_like(context_ids), chunk_size)
     context_seconds = time.perf_counter() - start
 
     results = []
     for turn, question_row in enumerate(question_rows):
         start = time.perf_counter()
         cache = copy.deepcopy(shared)
-        if query_aware and turn == 0:
+        if sees_question and turn == 0:
             logits = first_logits
         else:
-            if query_aware:
-                _drop_slots_from(cache, len(context_row))
+            if sees_question:
+                cache.crop(cache.get_seq_length() - len(context_row))
             ids = torch.tensor([question_row], device=device)
             mask = torch.ones((1, cache.get_seq_length() + ids.shape[1]), dtype=torch.long, device=device)
             with cache.settings(compress_prefill=False):
@@ -391,11 +446,13 @@ def continuation_logits(
     continuation_ids: list[int],
     recipe: Recipe | str = "full",
     chunk_size: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> ContinuationLogits:
     """Prefill ``context_ids`` compressed by ``recipe``, then teacher-force ``continuation_ids``.
 
     The continuation is fed uncompressed (``compress_prefill=False``) in one forward, so every
-    prediction sees the compressed context plus the true continuation so far.
+    prediction sees the compressed context plus the true continuation so far. ``tokenizer`` is
+    needed only by recipes that reconstruct the context (``prefill_context``).
     """
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     install(model)
@@ -403,7 +460,7 @@ def continuation_logits(
     cache = CompressedCache(recipe)
     start = time.perf_counter()
     ids = torch.tensor([context_ids], device=device)
-    first = prefill(model, cache, ids, torch.ones_like(ids), chunk_size)
+    first = prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids), chunk_size)
     footprint = _footprint(cache)
     rows = [first.float()]
     if len(continuation_ids) > 1:

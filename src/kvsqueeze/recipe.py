@@ -2,8 +2,8 @@
 
 String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
-``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``. Each component is ``name[:option=value,...]``; at
-most one scorer, one budget and one quantizer.
+``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``. Each component is
+``name[:option=value,...]``; at most one scorer, one budget, one unit and one quantizer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.scorers import SCORERS
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 from kvsqueeze.selection import keep_mask
+from kvsqueeze.units import UNITS, Unit, pool_by_unit
 
 FULL = "full"
 
@@ -33,7 +34,7 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **QUANTIZERS}
+    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS}
 
 
 def valid_names() -> list[str]:
@@ -50,6 +51,7 @@ class Recipe:
     ratio : fraction of context tokens removed, in [0, 1). Tokens protected by the cache (the
         question in query-aware mode) are kept on top of the budget.
     budget : how the kept tokens are shared across layers and heads (None = uniform).
+    unit : groups of tokens kept or dropped together, e.g. whole words (None = single tokens).
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     """
 
@@ -57,6 +59,7 @@ class Recipe:
     ratio: float = 0.0
     budget: Budget | None = None
     quantizer: Quantizer | None = None
+    unit: Unit | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -65,8 +68,17 @@ class Recipe:
             self.scorer = self.budget.default_scorer()  # `duo` alone ranks its streaming heads itself
         if self.scorer is None and (self.ratio > 0 or self.budget is not None):
             raise RecipeError("a ratio or a budget needs a scorer to choose what to remove, e.g. snapkv@0.5")
+        if self.unit is not None and self.scorer is None:
+            name = self.unit.name
+            raise RecipeError(f"{name} groups what a scorer keeps; add a scorer, e.g. kvzip+{name}@0.75")
+        retrims = self.budget is not None and self.budget.retrims
+        if self.budget is not None and self.budget.reads_later_layers and self.scorer.reconstructs:
+            raise RecipeError(
+                f"{self.scorer.name} compresses the whole context at once, but {self.budget.name} "
+                "shares the budget with layers still holding it uncompressed; use global, pyramid or adakv"
+            )
         demoting = self.quantizer is not None and self.quantizer.demotes
-        if demoting and self.budget is not None and self.budget.retrims:
+        if demoting and retrims:
             raise RecipeError(
                 f"{self.quantizer.name} keeps dropped tokens in low bits, but {self.budget.name} "
                 "re-trims earlier layers by count; use pyramid, adakv or duo with it"
@@ -80,13 +92,18 @@ class Recipe:
         return self.ratio > 0 or (self.budget is not None and self.budget.sets_own_counts)
 
     @property
+    def reconstructs(self) -> bool:
+        """Whether the context is compressed on a reconstruction pass (KVzip) after its prefill."""
+        return self.evicts and self.scorer.reconstructs
+
+    @property
     def is_full(self) -> bool:
         return not self.evicts and self.quantizer is None
 
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        parts = [c.spec() for c in (scorer, self.budget, self.quantizer) if c is not None]
+        parts = [c.spec() for c in (scorer, self.budget, self.unit, self.quantizer) if c is not None]
         if not parts:
             return FULL
         return "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
@@ -118,6 +135,7 @@ class Recipe:
             ratio=ratio,
             budget=chosen.get("budget"),
             quantizer=chosen.get("quantizer"),
+            unit=chosen.get("unit"),
         )
         if recipe.scorer is not None and not ratio_text and not recipe.evicts:
             raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {body}@0.5")
@@ -140,6 +158,13 @@ class Recipe:
         counts = self.keep_counts(context_tokens, protected)
         inputs.budget, inputs.protected, inputs.context_tokens = counts, protected, context_tokens
         ranking, scorer_state = self.scorer.rank(inputs)
+        if self.unit is not None:
+            if inputs.units is None:
+                raise ValueError(
+                    f"{self.unit.name} needs each context token's unit: prefill the context with "
+                    "kvsqueeze.engine.prefill_context (or CompressedCache.set_units)"
+                )
+            ranking = pool_by_unit(ranking, inputs.units, inputs.valid)
         if self.budget is not None:
             ranking, counts = self.budget.allocate(ranking, inputs, counts, state)
         ranking = ranking.masked_fill(protected, math.inf)

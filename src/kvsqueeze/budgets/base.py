@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import torch
 
 from kvsqueeze.components import Component
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
+from kvsqueeze.selection import keep_mask
 
 if TYPE_CHECKING:
     from kvsqueeze.cache import CompressedLayer
@@ -31,6 +33,9 @@ class Budget(Component):
     sets_own_counts: bool = False
     retrims: bool = False
     """True when ``rebalance`` evicts from earlier layers again (CAKE): by count, so not with ``mixed``."""
+    reads_later_layers: bool = False
+    """True when allocating reads what layers the forward has not reached yet hold (CAKE reserves
+    it), so it assumes they hold a compressed state: not so on KVzip's reconstruction pass."""
 
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict
@@ -70,3 +75,21 @@ def context_available(inputs: ScoringInputs) -> torch.Tensor:
     if inputs.context_tokens is not None:
         return inputs.context_tokens[:, None].expand(inputs.keys.shape[:2]).long()
     return inputs.valid.sum(-1) - protected_counts(inputs)
+
+
+def ranking_by_slot(ranking: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, S + 1]`` ranking indexed by slot (``-inf`` for slots not among the candidates)."""
+    width = int(slots.max()) + 2 if slots.numel() else 1
+    out = ranking.new_full((*ranking.shape[:2], width), -math.inf).float()
+    out.scatter_(-1, torch.where(slots >= 0, slots, width - 1), ranking.float())
+    out[..., -1] = -math.inf
+    return out
+
+
+def trim_layer(layer: CompressedLayer, by_slot: torch.Tensor, limit: torch.Tensor) -> None:
+    """Keep, per head, the ``limit [B, Hkv]`` best stored tokens of ``layer`` by ``by_slot``."""
+    view = layer.view()
+    stored = view.slots >= 0
+    index = view.slots.clamp(min=0, max=by_slot.shape[-1] - 2)
+    ranking = by_slot.gather(-1, index).masked_fill(~stored, -math.inf)
+    layer.keep(view, keep_mask(ranking, stored, limit), view.scores)

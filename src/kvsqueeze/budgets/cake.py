@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from kvsqueeze.budgets.base import Budget, protected_counts, with_protection
+from kvsqueeze.budgets.base import Budget, protected_counts, ranking_by_slot, trim_layer, with_protection
 from kvsqueeze.scorers.base import ScoringInputs
-from kvsqueeze.selection import keep_mask
 
 if TYPE_CHECKING:
     from kvsqueeze.cache import CompressedLayer
@@ -89,12 +87,14 @@ class CAKE(Budget):
     tau1, tau2 : temperatures of the dispersion and shift terms (paper tunes them per model).
     """
 
-    retrims = True
     name = "cake"
     citation = (
         "Qin et al., 2025. CAKE: Cascading and Adaptive KV Cache Eviction with Layer Preferences. "
         "arXiv:2503.12491"
     )
+
+    retrims = True
+    reads_later_layers = True
 
     window: int = 32
     tau1: float = 1.0
@@ -114,7 +114,7 @@ class CAKE(Budget):
         run["prefs"][layer] = layer_preference(inputs, self.window, self.tau1, self.tau2)
         run["caps"][layer] = (candidates - protected).amax(-1)
         run["protected"][layer] = protected
-        run["ranks"][layer] = _by_slot(with_protection(ranking, inputs), inputs.slots)
+        run["ranks"][layer] = ranking_by_slot(with_protection(ranking, inputs), inputs.slots)
         # keep every valid candidate for now; ``rebalance`` trims this layer with the earlier ones
         return ranking, candidates
 
@@ -132,19 +132,10 @@ class CAKE(Budget):
         for column, index in enumerate(done):
             limit = run["protected"][index] + shares[:, column, None]
             if bool((_held(layers[index], per_head=True) > limit).any()):
-                _trim(layers[index], run["ranks"][index], limit)
+                trim_layer(layers[index], run["ranks"][index], limit)
         run["shares"] = shares
         if layer_idx == num_layers - 1:
             run["ranks"].clear()  # rankings are only needed while the forward runs
-
-
-def _by_slot(ranking: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``[B, Hkv, S + 1]`` ranking indexed by slot (``-inf`` for slots not among the candidates)."""
-    width = int(slots.max()) + 2 if slots.numel() else 1
-    out = ranking.new_full((*ranking.shape[:2], width), -math.inf).float()
-    out.scatter_(-1, torch.where(slots >= 0, slots, width - 1), ranking.float())
-    out[..., -1] = -math.inf
-    return out
 
 
 def _held(layer: CompressedLayer, per_head: bool = False) -> torch.Tensor:
@@ -153,12 +144,3 @@ def _held(layer: CompressedLayer, per_head: bool = False) -> torch.Tensor:
         return torch.zeros((), dtype=torch.long)
     held = layer.held_lengths()
     return held if per_head else held.amax(-1)
-
-
-def _trim(layer: CompressedLayer, by_slot: torch.Tensor, limit: torch.Tensor) -> None:
-    """Keep, per head, the ``limit [B, Hkv]`` best stored tokens of ``layer`` by ``by_slot``."""
-    view = layer.view()
-    stored = view.slots >= 0
-    index = view.slots.clamp(min=0, max=by_slot.shape[-1] - 2)
-    ranking = by_slot.gather(-1, index).masked_fill(~stored, -math.inf)
-    layer.keep(view, keep_mask(ranking, stored, limit), view.scores)

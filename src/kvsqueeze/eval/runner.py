@@ -239,7 +239,7 @@ class _FidelityRun:
     """One prose window; the full cache's logits are computed once and kept for the comparisons."""
 
     def __init__(self, config, model, tokenizer, task, length, index):
-        self.config, self.model = config, model
+        self.config, self.model, self.tokenizer = config, model, tokenizer
         self.length, self.index = length, index
         self.context, self.continuation = task_lib.fidelity_tokens(
             tokenizer, length, index, config.seed, config.fidelity_tokens
@@ -266,7 +266,7 @@ class _FidelityRun:
 
     def _logits(self, recipe: str):
         return continuation_logits(
-            self.model, self.context, self.continuation, recipe, self.config.chunk_size
+            self.model, self.context, self.continuation, recipe, self.config.chunk_size, self.tokenizer
         )
 
 

@@ -55,6 +55,8 @@ class ScoringInputs:
         the recipe), or None.
     config : the model's ``PreTrainedConfig``, for budgets that depend on the model's identity
         (DuoAttention's head profile); None for hand-built inputs.
+    units : ``[B, Hkv, L]`` unit of each candidate (the slot of its unit's first token; see
+        ``kvsqueeze.units``), or None when the cache was given none.
     """
 
     keys: torch.Tensor
@@ -73,6 +75,7 @@ class ScoringInputs:
     protected: torch.Tensor | None = None
     context_tokens: torch.Tensor | None = None
     config: Any = None
+    units: torch.Tensor | None = None
     _probs_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -108,14 +111,23 @@ class ScoringInputs:
         Same numbers as ``attention(last).sum(3)``, but the ``[w, L]`` matrix is never kept whole,
         so scoring a long prefill chunk (H2O) costs ``O(block * L)`` memory instead of ``O(q * L)``.
         """
+        return self._reduce_attention(last, block, peak=False)
+
+    def attention_peak(self, last: int | None = None, block: int = 256) -> torch.Tensor:
+        """``[B, Hkv, n_rep, L]`` largest attention each candidate receives from any of the last
+        ``last`` queries (all if None): ``attention(last).amax(3)`` in ``O(block * L)`` memory."""
+        return self._reduce_attention(last, block, peak=True)
+
+    def _reduce_attention(self, last: int | None, block: int, peak: bool) -> torch.Tensor:
         start = self._first_query(last)
         if start in self._probs_cache:
-            return self._probs_cache[start].sum(3)
+            probs = self._probs_cache[start]
+            return probs.amax(3) if peak else probs.sum(3)
         batch, kv_heads, length, _ = self.keys.shape
-        mass = torch.zeros(batch, kv_heads, self.n_rep, length, device=self.keys.device)
+        total = torch.zeros(batch, kv_heads, self.n_rep, length, device=self.keys.device)
         for probs in self._attention_blocks(start, block):
-            mass += probs.sum(3)
-        return mass
+            total = torch.maximum(total, probs.amax(3)) if peak else total + probs.sum(3)
+        return total
 
     def _first_query(self, last: int | None) -> int:
         return 0 if last is None else max(self.num_queries - last, 0)
@@ -147,11 +159,14 @@ class Scorer(Component):
             ...
 
     ``needs_attention`` marks scorers that compute attention probabilities (an extra pass).
+    ``reconstructs`` marks scorers that score on the engine's context-reconstruction pass
+    (KVzip) instead of on the context's own prefill.
     """
 
     kind = "scorer"
     stateful: bool = False
     needs_attention: bool = False
+    reconstructs: bool = False
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -122,6 +122,7 @@ class Server:
             prefix_cache=prefix,
             eos_ids=eos_ids(model, tokenizer),
             max_running=config.max_running,
+            tokenizer=tokenizer,
         )
         self.store = TieredStore.from_specs(config.store_ram, list(config.stores))
         self.metrics = self._metrics()

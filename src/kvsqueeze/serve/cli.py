@@ -136,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvsqueeze.models import ModelLoadError, load_model
     from kvsqueeze.recipe import Recipe, RecipeError
     from kvsqueeze.serve.app import ServeConfig, Server, create_app
+    from kvsqueeze.serve.runner import check_servable
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -145,9 +146,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        Recipe.parse(args.recipe)
+        check_servable(Recipe.parse(args.recipe))
         model, tokenizer = load_model(args.model, dtype=args.dtype)
-    except (RecipeError, ModelLoadError) as error:
+    except (RecipeError, ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
@@ -52,6 +52,15 @@ class RunnerStats:
     peak_kv_bytes: int = 0
 
 
+def check_servable(recipe: Recipe) -> None:
+    """Raise ``ValueError`` for a recipe the server cannot run (KVzip's reconstruction pass)."""
+    if recipe.reconstructs:
+        raise ValueError(
+            f"{recipe.scorer.name} compresses the whole context after a second reconstruction pass; "
+            "the server prefills and compresses in chunks: serve another scorer, or compress offline"
+        )
+
+
 class Runner:
     """Continuous batching of ``Sequence`` objects on one model (see module docstring).
 
@@ -66,6 +75,7 @@ class Runner:
     max_running : cap on the running batch size.
     prefill_tokens_per_step : once a step has prefilled this many tokens, no more sequences join
         in that step, so the running batch keeps decoding between long prefills.
+    tokenizer : needed by recipes with a unit (``words``), which read the context's tokens.
     """
 
     def __init__(
@@ -78,8 +88,13 @@ class Runner:
         eos_ids: set[int] | frozenset[int] = frozenset(),
         max_running: int = 64,
         prefill_tokens_per_step: int = 2048,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ):
+        check_servable(recipe)
+        if recipe.unit is not None and tokenizer is None:
+            raise ValueError(f"{recipe} keeps {recipe.unit.name} whole: the runner needs the tokenizer")
         self.model = install(model)
+        self.tokenizer = tokenizer
         self.recipe = recipe
         self.chunk_size = chunk_size
         self.prefix_cache = prefix_cache
@@ -219,6 +234,9 @@ class Runner:
         if seq.preemptions == 0:
             seq.cached_tokens = done
         cache = cache or CompressedCache(self.recipe)
+        if self.recipe.unit is not None and done < len(seq.context):
+            ids = torch.tensor([seq.context])
+            cache.set_units(self.recipe.unit.unit_ids(self.tokenizer, ids, torch.ones_like(ids)))
         logits = None
         last_full = len(seq.context) // self.chunk_size
         while done < len(seq.context):
