@@ -15,7 +15,7 @@ from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
 
 RATIOS = (0.5, 0.75, 0.875)
-SAMPLES = 2  # x 3 tasks x 46 recipes: 23.7 min measured in one run on 2 cores (README)
+SAMPLES = 2  # x 3 tasks x 46 recipes: 23.7 min measured on 2 cores (README); 52 since kvzip and global
 OUT_DIR = "docs/leaderboard"
 
 
