@@ -136,8 +136,9 @@ def prefill_context(
         return prefill(model, cache, ids, mask, chunk_size)
     if tokenizer is None and (recipe.unit is not None or recipe.reconstructs):
         raise ValueError(f"{recipe} reads the context's tokens: pass the tokenizer")
+    real = mask[:, -ids.shape[1] :]
     if recipe.unit is not None:
-        cache.set_units(recipe.unit.unit_ids(tokenizer, ids, mask[:, -ids.shape[1] :]))
+        cache.set_units(recipe.unit.unit_ids(tokenizer, ids, real))
     if not recipe.reconstructs:
         return prefill(model, cache, ids, mask, chunk_size)
     with cache.settings(compress_prefill=False):
@@ -145,7 +146,7 @@ def prefill_context(
     context_length = cache.get_seq_length()
     request, header = _repeat_request(tokenizer)
     rows = []
-    for row_ids, row_mask in zip(ids.tolist(), mask[:, -ids.shape[1] :].tolist(), strict=True):
+    for row_ids, row_mask in zip(ids.tolist(), real.tolist(), strict=True):
         row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
         rows.append(request + (row[len(header) :] if row[: len(header)] == header else row))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -71,14 +71,13 @@ class Recipe:
         if self.unit is not None and self.scorer is None:
             name = self.unit.name
             raise RecipeError(f"{name} groups what a scorer keeps; add a scorer, e.g. kvzip+{name}@0.75")
-        retrims = self.budget is not None and self.budget.retrims
         if self.budget is not None and self.budget.reads_later_layers and self.scorer.reconstructs:
             raise RecipeError(
                 f"{self.scorer.name} compresses the whole context at once, but {self.budget.name} "
                 "shares the budget with layers still holding it uncompressed; use global, pyramid or adakv"
             )
         demoting = self.quantizer is not None and self.quantizer.demotes
-        if demoting and retrims:
+        if demoting and self.budget is not None and self.budget.retrims:
             raise RecipeError(
                 f"{self.quantizer.name} keeps dropped tokens in low bits, but {self.budget.name} "
                 "re-trims earlier layers by count; use pyramid, adakv or duo with it"

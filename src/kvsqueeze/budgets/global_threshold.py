@@ -60,15 +60,15 @@ class GlobalThreshold(Budget):
         run = state["global"]
         if layer_idx != run["last"]:
             return
-        scored = [run["layers"][i] for i in sorted(run["layers"])]
+        indices = sorted(run["layers"])
+        scored = [run["layers"][i] for i in indices]
         width = max(r.unprotected.shape[-1] for r in scored)
         pad = [F.pad(r.unprotected, (0, width - r.unprotected.shape[-1]), value=-math.inf) for r in scored]
         candidates = torch.stack(pad, dim=1)  # [B, layers, Hkv, width]
         flat = candidates.reshape(candidates.shape[0], 1, -1)
         total = sum(r.budget for r in scored)[:, None]
         shares = keep_mask(flat, flat > -math.inf, total).reshape(candidates.shape).sum(-1)
-        for column, index in enumerate(sorted(run["layers"])):
-            ranked = run["layers"][index]
+        for column, (index, ranked) in enumerate(zip(indices, scored, strict=True)):
             trim_layer(layers[index], ranked.by_slot, ranked.protected + shares[:, column])
         run["layers"].clear()
 

@@ -14,7 +14,7 @@ class KVzip(Scorer):
     """Keep the tokens the model attends to most while reconstructing the context.
 
     Query-agnostic by construction: the engine prefills the context uncompressed, then feeds a
-    repeat request followed by a copy of the context (``kvsqueeze.reconstruction``); this scorer
+    repeat request followed by a copy of the context (``engine.prefill_context``); this scorer
     runs on that pass, whose queries are the copy. A candidate scores the largest attention
     probability any reconstruction query of any query head of its group gives it, ``[B, Hkv, L]``;
     the first ``sinks`` valid tokens score ``NEVER_EVICT``. The copy itself is protected by the

@@ -9,11 +9,12 @@ from kvsqueeze.components import Component
 
 
 class Unit(Component):
-    """Base class: ``starts`` segments token texts; ``pool`` gives every token its unit's score.
+    """Base class: ``starts`` segments token texts, ``unit_ids`` turns that into slots.
 
     The engine computes each context token's unit (the slot of the unit's first token) once per
     context from the tokenizer; the cache hands the unit of every candidate to the recipe, which
-    pools the scorer's ranking before selecting, so a unit's tokens rank (and are kept) together.
+    pools the scorer's ranking (``pool_by_unit``) before selecting, so a unit's tokens rank (and
+    are kept) together.
     """
 
     kind = "unit"
