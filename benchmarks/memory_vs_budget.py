@@ -62,14 +62,10 @@ def kivi_tier_bytes(quantizer: KIVI, quantized: int, head_dim: int) -> int:
 def quantized_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> int:
     """Bytes one KV head holds with a quantizer (one-shot prefill): the tokens kept age into the
     (high) tier in whole groups, the rest of ``residual`` stays 16-bit; ``mixed`` puts the
-    ``tokens - kept`` the scorer drops in its low tier; int32 slots once anything moved. KVzip's
-    copy of the context pushes every kept token out of the 16-bit window before it is cropped.
-    Not modelled, so shown as excess: KVzip quantizes the context before it evicts, and a group
-    thinned by eviction keeps its scales (measured +27% at 0.75, +46% at 0.85)."""
+    ``tokens - kept`` the scorer drops in its low tier; int32 slots once anything moved. KVzip
+    quantizes after its reconstruction pass, so the same holds for it."""
     quantizer = recipe.quantizer
     quantized = max(kept - quantizer.residual, 0) // quantizer.group_size * quantizer.group_size
-    if recipe.reconstructs:
-        quantized = kept
     window = 2 * (kept - quantized) * head_dim * 2
     if isinstance(quantizer, MixedPrecision):
         body = kivi_tier_bytes(quantizer.high, quantized, head_dim)

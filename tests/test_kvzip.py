@@ -130,6 +130,22 @@ def test_crop_forgets_the_tail_as_if_it_was_never_fed(tiny, recipe):
         assert cropped.nbytes() == clean.nbytes()
 
 
+def test_quantizer_packs_only_what_the_reconstruction_pass_kept(tiny):
+    """Quantization waits for the crop: every quantized group is whole (none thinned by eviction
+    after it got its scales) and each head's recent window is what a one-shot prefill leaves."""
+    model, tokenizer = tiny
+    install(model)
+    ids = torch.tensor([tokenizer.encode(CONTEXT)])
+    cache = CompressedCache(Recipe.parse("kvzip+kivi2:group_size=8,residual=8@0.5"))
+    prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    kept = math.ceil(0.5 * ids.shape[1])
+    for layer in cache.layers:
+        assert (layer.held_lengths() == kept).all()
+        assert (layer.body.lengths == (kept - 8) // 8 * 8).all()
+        assert (layer.body.group_counts * 8 == layer.body.lengths).all()
+        assert (layer.lengths == kept - layer.body.lengths).all()
+
+
 def test_batched_reconstruction_matches_each_context_alone(tiny):
     model, tokenizer = tiny
     install(model)

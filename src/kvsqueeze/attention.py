@@ -89,7 +89,8 @@ def kvsqueeze_attention(
         output = grouped_attention(query, view.keys, view.values, mask, scaling)
     if layer.cache.compresses(q_len):
         compress_layer(module, layer, view, query, attention_mask, query_slots, scaling, kwargs)
-    layer.settle()
+    if layer.cache.quantize_now:
+        layer.settle()
     return output, None
 
 

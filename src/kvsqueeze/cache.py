@@ -364,26 +364,42 @@ class CompressedCache(Cache):
         self.recipe = recipe
         self.compress_prefill = True
         self.protect_from: int | None = None
+        self.quantize_now = True
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
         self.budget_state: dict = {}
         self.unit_ids: torch.Tensor | None = None
 
     @contextmanager
-    def settings(self, compress_prefill: bool | None = None, protect_from: int | None = None):
-        """Temporarily turn prefill compression on/off, or protect every slot ``>= protect_from``.
+    def settings(
+        self,
+        compress_prefill: bool | None = None,
+        protect_from: int | None = None,
+        quantize_now: bool | None = None,
+    ):
+        """Temporarily turn prefill compression on/off, protect every slot ``>= protect_from``,
+        or (``quantize_now=False``) hold every new token in 16 bits until ``settle()``.
 
         Protected tokens (e.g. the question in query-aware mode) are always kept and are not
-        counted in the budget.
+        counted in the budget. Holding quantization lets a later pass evict before anything is
+        quantized, so no group is thinned after it got its scales (KVzip's reconstruction).
         """
-        saved = (self.compress_prefill, self.protect_from)
+        saved = (self.compress_prefill, self.protect_from, self.quantize_now)
         if compress_prefill is not None:
             self.compress_prefill = compress_prefill
         if protect_from is not None:
             self.protect_from = protect_from
+        if quantize_now is not None:
+            self.quantize_now = quantize_now
         try:
             yield self
         finally:
-            self.compress_prefill, self.protect_from = saved
+            self.compress_prefill, self.protect_from, self.quantize_now = saved
+
+    def settle(self) -> None:
+        """Quantize in every layer what a quantizer moves out of the 16-bit recent window."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.settle()
 
     def set_units(self, unit_ids: torch.Tensor | None) -> None:
         """Give the first ``n`` slots of each row their unit, ``unit_ids [B, n]`` (the slot of the

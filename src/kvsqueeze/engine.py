@@ -124,7 +124,8 @@ def prefill_context(
     scorer reconstructs (KVzip) gets the context whole, uncompressed, then one more pass: a repeat
     request and a copy of each row's context, teacher-forced (``tokenizer`` frames the request).
     That pass is compressed with the copy protected, then the copy is cropped off the cache, so
-    the cache afterwards holds context tokens only and the next token follows the context.
+    the cache afterwards holds context tokens only and the next token follows the context. A
+    quantizer quantizes what is kept only then.
 
     A recipe with a unit (``words``) gets each context token's unit from ``tokenizer`` first.
     The context must be the first thing the cache is fed.
@@ -141,7 +142,7 @@ def prefill_context(
         cache.set_units(recipe.unit.unit_ids(tokenizer, ids, real))
     if not recipe.reconstructs:
         return prefill(model, cache, ids, mask, chunk_size)
-    with cache.settings(compress_prefill=False):
+    with cache.settings(compress_prefill=False, quantize_now=False):
         logits = prefill(model, cache, ids, mask, chunk_size)
     context_length = cache.get_seq_length()
     request, header = _repeat_request(tokenizer)
@@ -152,9 +153,10 @@ def prefill_context(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     copy_ids, copy_mask = (t.to(ids.device) for t in _left_pad(rows, pad_id))
     cache.count_context(mask.sum(-1))
-    with cache.settings(protect_from=context_length):
+    with cache.settings(protect_from=context_length, quantize_now=False):
         prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
     cache.crop(copy_ids.shape[1])
+    cache.settle()
     return logits
 
 
