@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache, generate, generate_batch, install
-from kvsqueeze.engine import _repeat_request, prefill, prefill_context, split_prompt
+from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, repeat_request, split_prompt
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers import NEVER_EVICT, KVzip
 from kvsqueeze.scorers.base import inputs_from_tensors
@@ -55,7 +55,7 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
     context_text, _ = split_prompt(tokenizer, CONTEXT, "What is the pass key?")
     ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
     length = ids.shape[1]
-    request, header = _repeat_request(tokenizer)
+    request, header = repeat_request(tokenizer)
     seen = []
     original = KVzip.score
 
@@ -95,6 +95,18 @@ def test_kvzip_needs_the_tokenizer_and_ignores_query_awareness(tiny):
     assert (aware.answer, aware.kv_bytes) == (agnostic.answer, agnostic.kv_bytes)
     full = generate(model, tokenizer, CONTEXT, "What is the pass key?", max_new_tokens=1)
     assert agnostic.kv_bytes_full == full.kv_bytes_full
+
+
+def test_a_context_longer_than_half_the_window_is_refused_before_any_work(tiny, monkeypatch):
+    model, tokenizer = tiny
+    install(model)
+    ids = torch.tensor([tokenizer.encode(CONTEXT)])
+    cache = CompressedCache(Recipe.parse("kvzip@0.5"))
+    monkeypatch.setattr(model.config, "max_position_embeddings", 2 * ids.shape[1])
+    with pytest.raises(ContextTooLongError, match="feeding it twice"):
+        prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    assert cache.get_seq_length() == 0
+    prefill_context(model, tokenizer, CompressedCache(Recipe.parse("snapkv@0.5")), ids, torch.ones_like(ids))
 
 
 def _feed_with_junk(model, cache, context, junk, question, crop: bool) -> torch.Tensor:

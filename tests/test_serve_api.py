@@ -168,6 +168,19 @@ def test_context_is_prefilled_once_and_matches_the_library(served, real_model):
         )
 
 
+def test_a_kvzip_context_is_compressed_once_and_answers_as_the_library(real_model):
+    model, tokenizer = real_model
+    document = "The museum opens at nine. " * 20 + "The pass key is 73914. " + "Tea is served at four. " * 20
+    question = "What is the pass key?"
+    with running(model, tokenizer, recipe="kvzip+words@0.75", kv_memory=256 << 20) as (base, server):
+        created = client(base).post("/contexts", body={"document": document}, cast_to=object)
+        response = ask(base, question, extra_body={"context_id": created["id"]})
+    assert server.runner.stats.prefill_tokens < 2 * created["tokens"]  # one reconstruction pass
+    expected = generate(model, tokenizer, document, question, "kvzip+words@0.75", max_new_tokens=16)
+    assert response.choices[0].message.content == expected.answer
+    assert "73914" in expected.answer
+
+
 def test_auth_and_limits_give_clear_4xx(served):
     base, _ = served
     with pytest.raises(openai.AuthenticationError, match="invalid API key"):

@@ -46,8 +46,8 @@ def test_serve_subcommand_defaults_to_loopback_and_repeats_stores_and_keys():
     assert args.recipe == "full" and args.chunk_size == 256
 
 
-def test_serve_refuses_a_recipe_it_cannot_run_before_loading_the_model(capsys):
+def test_serve_refuses_a_recipe_that_does_not_parse_before_loading_the_model(capsys):
     from kvsqueeze.cli import main
 
-    assert main(["serve", "--recipe", "kvzip@0.5", "--model", "/no/such/model"]) == 2
-    assert "reconstruction pass" in capsys.readouterr().err
+    assert main(["serve", "--recipe", "kvzip+cake@0.5", "--model", "/no/such/model"]) == 2
+    assert "use global, pyramid or adakv" in capsys.readouterr().err

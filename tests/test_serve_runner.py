@@ -8,8 +8,9 @@ from tiny_models import tiny_model
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
-from kvsqueeze.engine import decode, prefill
+from kvsqueeze.engine import decode, prefill, prefill_context
 from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.app import APIError, ServeConfig, Server
 from kvsqueeze.serve.prefix import PrefixCache, chain_hashes
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
@@ -18,14 +19,13 @@ CHUNK = 8
 
 
 def reference(model, recipe, context, prompt, max_tokens, chunk=CHUNK, tokenizer=None):
-    """One request alone: context prefilled in chunks and compressed, prompt kept whole, greedy."""
+    """One request alone: context prefilled in chunks and compressed (by the engine), prompt kept
+    whole, greedy."""
     cache = CompressedCache(recipe)
     ids = torch.tensor([context + prompt])
     mask = torch.ones_like(ids)
-    if recipe.unit is not None:
-        cache.set_units(recipe.unit.unit_ids(tokenizer, ids[:, : len(context)], mask[:, : len(context)]))
     if context:
-        prefill(model, cache, ids[:, : len(context)], mask[:, : len(context)], chunk)
+        prefill_context(model, tokenizer, cache, ids[:, : len(context)], mask[:, : len(context)], chunk)
     with cache.settings(compress_prefill=False):
         logits = prefill(model, cache, ids[:, len(context) :], mask)
     return decode(model, cache, logits, mask, set(), max_tokens)[0]
@@ -100,8 +100,53 @@ def test_words_are_kept_whole_in_the_server_as_in_the_engine(tiny):
     assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, 4, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizer"):
         Runner(model, recipe, kv_memory=1 << 30)
-    with pytest.raises(ValueError, match="reconstruction"):
-        Runner(model, Recipe.parse("kvzip@0.5"), kv_memory=1 << 30, tokenizer=tokenizer)
+
+
+def test_kvzip_in_the_server_answers_as_the_engine_and_budgets_its_reconstruction_peak(tiny, monkeypatch):
+    """The whole context, then the reconstruction pass, in the runner as in the engine; a stored
+    context is reused without a second pass; admission covers what the cache holds just before
+    the copy is cropped."""
+    model, tokenizer = tiny
+    install(model)
+    recipe = Recipe.parse("kvzip+words@0.5")
+    context = tokenizer.encode("The museum opens at nine. The pass key is 4417093. " * 4)
+    peaks = []
+    crop = CompressedCache.crop
+
+    def recording(cache, tokens_to_remove):
+        peaks.append(cache.nbytes())
+        crop(cache, tokens_to_remove)
+
+    monkeypatch.setattr(CompressedCache, "crop", recording)
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, tokenizer=tokenizer)
+    assert runner.prefix_cache is None
+    stored = Sequence(context=context, prompt=[], max_tokens=1, sink=Collector(), kind="context")
+    run_until_done(runner, [stored])
+    entry = next(value for event, value in stored.sink.events if event == "context")
+    fresh, restored = (
+        Sequence(
+            context=context, prompt=tokenizer.encode(question), max_tokens=4, sink=Collector(), restored=entry
+        )
+        for question, entry in ((" Key?", None), (" When does it open?", entry))
+    )
+    run_until_done(runner, [fresh, restored])
+    assert len(peaks) == 2  # the stored context and the fresh request; the restored one skips the pass
+    for seq in (fresh, restored):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, 4, tokenizer=tokenizer)
+    # more than a chunked prefill ever holds (the whole context), within what admission reserves
+    assert runner.bytes_needed_alone(len(context), 0, 0) >= max(peaks) > runner.token_bytes * len(context)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Runner(model, recipe, kv_memory=1 << 30)
+
+
+def test_the_server_refuses_a_kvzip_context_it_cannot_feed_twice(tiny):
+    model, tokenizer = tiny
+    server = Server(ServeConfig(model_name="tiny", recipe="kvzip@0.5"), model, tokenizer)
+    half = server.max_length // 2
+    server.check_size(half - server.runner.repeat_tokens, 8, 8)
+    with pytest.raises(APIError, match="feeding it twice"):
+        server.check_size(half, 8, 8)
+    Server(ServeConfig(model_name="tiny", recipe="snapkv@0.5"), model, tokenizer).check_size(half, 8, 8)
 
 
 def test_small_budget_waits_and_preempts_without_mixing_answers():

@@ -142,16 +142,22 @@ def prefill_context(
         cache.set_units(recipe.unit.unit_ids(tokenizer, ids, real))
     if not recipe.reconstructs:
         return prefill(model, cache, ids, mask, chunk_size)
-    with cache.settings(compress_prefill=False, quantize_now=False):
-        logits = prefill(model, cache, ids, mask, chunk_size)
-    context_length = cache.get_seq_length()
-    request, header = _repeat_request(tokenizer)
+    request, header = repeat_request(tokenizer)
     rows = []
     for row_ids, row_mask in zip(ids.tolist(), real.tolist(), strict=True):
         row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
         rows.append(request + (row[len(header) :] if row[: len(header)] == header else row))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     copy_ids, copy_mask = (t.to(ids.device) for t in _left_pad(rows, pad_id))
+    needed, limit = mask.shape[1] + copy_ids.shape[1], max_context_length(model, tokenizer)
+    if needed > limit:
+        raise ContextTooLongError(
+            f"{recipe.scorer.name} compresses a context by feeding it twice: this one needs {needed} "
+            f"tokens but the model supports {limit}; shorten the context to less than half of that"
+        )
+    with cache.settings(compress_prefill=False, quantize_now=False):
+        logits = prefill(model, cache, ids, mask, chunk_size)
+    context_length = cache.get_seq_length()
     cache.count_context(mask.sum(-1))
     with cache.settings(protect_from=context_length, quantize_now=False):
         prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
@@ -160,7 +166,7 @@ def prefill_context(
     return logits
 
 
-def _repeat_request(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+def repeat_request(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
     """Token ids of the repeat request (ending the user's turn, opening the answer) and of the
     chat header that precedes a context (not copied: the copy is the user's text)."""
     marker = "<<context>>"

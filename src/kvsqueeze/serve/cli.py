@@ -136,7 +136,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvsqueeze.models import ModelLoadError, load_model
     from kvsqueeze.recipe import Recipe, RecipeError
     from kvsqueeze.serve.app import ServeConfig, Server, create_app
-    from kvsqueeze.serve.runner import check_servable
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -146,7 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        check_servable(Recipe.parse(args.recipe))
+        Recipe.parse(args.recipe)
         model, tokenizer = load_model(args.model, dtype=args.dtype)
     except (RecipeError, ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,8 +2,9 @@
 
 Each step (``step``): take new requests and cancellations from the inbox, admit what fits
 (``Scheduler``), prefill each admitted sequence into its own ``CompressedCache`` (context
-chunk-aligned and compressed, resumed from the prefix cache or a stored context when possible;
-then the prompt tail uncompressed), stack it into the running batch, then decode the whole
+chunk-aligned and compressed, resumed from the prefix cache or a stored context when possible —
+or, for a reconstructing recipe (KVzip), whole then compressed by the engine's reconstruction
+pass; then the prompt tail uncompressed), stack it into the running batch, then decode the whole
 batch one token. Rows are aligned at their ends by ``CompressedCache.stack``; each row gets its
 own position ids and a 2D mask that is zero over its ``offsets`` columns. Finished, cancelled and
 preempted rows leave with ``batch_select_indices``.
@@ -26,7 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
-from kvsqueeze.engine import prefill
+from kvsqueeze.engine import prefill, prefill_context, repeat_request
 from kvsqueeze.models import kv_cache_spec
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.prefix import PrefixCache, worth_saving
@@ -52,15 +53,6 @@ class RunnerStats:
     peak_kv_bytes: int = 0
 
 
-def check_servable(recipe: Recipe) -> None:
-    """Raise ``ValueError`` for a recipe the server cannot run (KVzip's reconstruction pass)."""
-    if recipe.reconstructs:
-        raise ValueError(
-            f"{recipe.scorer.name} compresses the whole context after a second reconstruction pass; "
-            "the server prefills and compresses in chunks: serve another scorer, or compress offline"
-        )
-
-
 class Runner:
     """Continuous batching of ``Sequence`` objects on one model (see module docstring).
 
@@ -69,13 +61,14 @@ class Runner:
     model : a causal LM (``install`` is applied to it).
     recipe : the compression recipe of every cache.
     kv_memory : the KV budget in bytes (what the running caches really hold).
-    chunk_size : context prefill chunk, also the prefix-reuse block.
+    chunk_size : context prefill chunk, also the prefix-reuse block (a reconstructing recipe
+        compresses the whole context at once: no prefix reuse, only stored contexts).
     prefix_cache : saved chunk-boundary states, or None to disable prefix reuse.
     eos_ids : token ids that end a sequence.
     max_running : cap on the running batch size.
     prefill_tokens_per_step : once a step has prefilled this many tokens, no more sequences join
         in that step, so the running batch keeps decoding between long prefills.
-    tokenizer : needed by recipes with a unit (``words``), which read the context's tokens.
+    tokenizer : needed by recipes that read the context's tokens: a unit (``words``), KVzip.
     """
 
     def __init__(
@@ -90,14 +83,14 @@ class Runner:
         prefill_tokens_per_step: int = 2048,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        check_servable(recipe)
-        if recipe.unit is not None and tokenizer is None:
-            raise ValueError(f"{recipe} keeps {recipe.unit.name} whole: the runner needs the tokenizer")
+        if (recipe.unit is not None or recipe.reconstructs) and tokenizer is None:
+            raise ValueError(f"{recipe} reads the context's tokens: the runner needs the tokenizer")
         self.model = install(model)
         self.tokenizer = tokenizer
         self.recipe = recipe
         self.chunk_size = chunk_size
-        self.prefix_cache = prefix_cache
+        self.prefix_cache = None if recipe.reconstructs else prefix_cache
+        self.repeat_tokens = len(repeat_request(tokenizer)[0]) if recipe.reconstructs else 0
         self.eos_ids = frozenset(eos_ids)
         self.prefill_tokens_per_step = prefill_tokens_per_step
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
@@ -126,10 +119,21 @@ class Runner:
         return self.token_bytes * self._peak(len(seq.context), tail, seq.restored is not None)
 
     def _peak(self, context: int, tail: int, restored: bool = False) -> int:
-        """Tokens per head at the peak: the compressed context plus one uncompressed chunk, or the tail."""
+        """Tokens per head at the peak: the compressed context plus one uncompressed chunk (the
+        context and its copy for a reconstructing recipe), or the tail."""
         kept = self.kept(context)
-        during = kept if restored or kept == context else min(context, kept + self.chunk_size)
+        if restored or kept == context:
+            during = kept
+        elif self.recipe.reconstructs:
+            during = self.reconstruction_tokens(context)
+        else:
+            during = min(context, kept + self.chunk_size)
         return max(during, kept + tail)
+
+    def reconstruction_tokens(self, context: int) -> int:
+        """Tokens a reconstructing recipe (KVzip) feeds for a ``context``-token context, all held
+        uncompressed at once: the context, the repeat request and the copy (0 for other recipes)."""
+        return 2 * context + self.repeat_tokens if self.recipe.reconstructs else 0
 
     def bytes_needed_alone(self, context: int, prompt: int, max_tokens: int) -> int:
         """What one request needs with nobody else running (the submit-time check)."""
@@ -234,10 +238,12 @@ class Runner:
         if seq.preemptions == 0:
             seq.cached_tokens = done
         cache = cache or CompressedCache(self.recipe)
-        if self.recipe.unit is not None and done < len(seq.context):
+        logits = None
+        if self.recipe.reconstructs and done < len(seq.context):
+            logits, done = self._reconstruct(cache, seq.context), len(seq.context)
+        elif self.recipe.unit is not None and done < len(seq.context):
             ids = torch.tensor([seq.context])
             cache.set_units(self.recipe.unit.unit_ids(self.tokenizer, ids, torch.ones_like(ids)))
-        logits = None
         last_full = len(seq.context) // self.chunk_size
         while done < len(seq.context):
             stop = min((done // self.chunk_size + 1) * self.chunk_size, len(seq.context))
@@ -257,6 +263,15 @@ class Runner:
         if tail:
             logits = self._feed(cache, tail, compress=False)
         return cache, logits
+
+    def _reconstruct(self, cache: CompressedCache, context: list[int]) -> torch.Tensor:
+        """Prefill the whole context, compressed by the engine's reconstruction pass (KVzip)."""
+        ids = torch.tensor([context], dtype=torch.long, device=self.model.device)
+        logits = prefill_context(
+            self.model, self.tokenizer, cache, ids, torch.ones_like(ids), self.chunk_size
+        )
+        self.stats.prefill_tokens += len(context)
+        return logits[0]
 
     def _feed(self, cache: CompressedCache, tokens: list[int], compress: bool) -> torch.Tensor:
         device = self.model.device
