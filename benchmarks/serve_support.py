@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import openai
+
+from kvsqueeze.serve.local import local_redis, local_server, redis_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -32,12 +28,6 @@ WORDS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def document(tokens_wanted: int, seed: int, fact: str) -> str:
     """Seeded filler sentences with ``fact`` in the middle, about ``tokens_wanted`` tokens long."""
     rng = random.Random(seed)
@@ -49,82 +39,22 @@ def document(tokens_wanted: int, seed: int, fact: str) -> str:
     return " ".join(sentences)
 
 
-def _wait_health(base: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError("server did not become healthy")
-
-
 @contextlib.contextmanager
 def server(*args: str, timeout: float = 180):
-    """``python -m kvsqueeze.serve ARGS`` on a free 127.0.0.1 port; yields its base URL."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "kvsqueeze.serve",
-        "--model",
-        MODEL,
-        "--api-key",
-        KEY,
-        "--log-level",
-        "warning",
-        *args,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            try:
-                _wait_health(base, process, timeout)
-            except Exception:
-                log.seek(0)
-                sys.stderr.write(log.read().decode(errors="replace")[-3000:])
-                raise
-            yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+    """``python -m kvsqueeze.serve ARGS`` for the benchmark model and key; yields its base URL."""
+    with local_server(
+        "--model", MODEL, "--api-key", KEY, "--log-level", "warning", *args, timeout=timeout
+    ) as base:
+        yield base
 
 
 @contextlib.contextmanager
 def redis():
     """A throwaway redis-server on 127.0.0.1 (Debian package ``redis-server``); yields its URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(binary):
+    if redis_binary() is None:
         raise SystemExit("redis-server is not installed: run scripts/install-redis.sh (as root)")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        import redis as redis_client
-
-        url = f"redis://127.0.0.1:{port}/0"
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                if redis_client.Redis.from_url(url).ping():
-                    break
-            time.sleep(0.1)
+    with local_redis() as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def client(base: str) -> openai.OpenAI:

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import uvicorn
-from test_serve_helpers import free_port, http, wait_for
+from test_serve_helpers import http
 
 from kvsqueeze.engine import generate
 from kvsqueeze.serve.app import ServeConfig, Server, create_app
+from kvsqueeze.serve.local import free_port, wait_for
 
 pytestmark = pytest.mark.real_model
 

@@ -8,8 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from test_serve_helpers import redis_server, server_process
+from test_serve_helpers import redis_server
 
+from kvsqueeze.serve.local import local_server
 from kvsqueeze.serve.store import DiskTier
 
 pytestmark = pytest.mark.real_model
@@ -45,12 +46,12 @@ def ask(base, context_id):
 
 def test_context_survives_restart_and_a_corrupt_file_is_recomputed(tmp_path):
     store = tmp_path / "store"
-    with server_process(*COMMON, "--store", str(store)) as base:
+    with local_server(*COMMON, "--store", str(store)) as base:
         created = create(base)
         answer, tier = ask(base, created["id"])
     assert tier == "ram" and "4817" in answer
 
-    with server_process(*COMMON, "--store", str(store)) as base:
+    with local_server(*COMMON, "--store", str(store)) as base:
         assert ask(base, created["id"]) == (answer, "disk")  # restarted: a hit from disk
         # corrupt the payload on disk; this process still has it in RAM, the next one will not
         payload = next(store.glob("*.safetensors"))
@@ -58,7 +59,7 @@ def test_context_survives_restart_and_a_corrupt_file_is_recomputed(tmp_path):
         data[len(data) // 2] ^= 0xFF
         payload.write_bytes(bytes(data))
 
-    with server_process(*COMMON, "--store", str(store)) as base:
+    with local_server(*COMMON, "--store", str(store)) as base:
         assert ask(base, created["id"]) == (answer, "recomputed")  # detected, recomputed, same answer
         assert ask(base, created["id"]) == (answer, "ram")
     (manifest_path,) = store.glob("*.json")
@@ -67,7 +68,7 @@ def test_context_survives_restart_and_a_corrupt_file_is_recomputed(tmp_path):
 
 def test_two_replicas_share_contexts_through_redis():
     with redis_server() as url, contextlib.ExitStack() as stack:
-        managers = [server_process(*COMMON, "--store", url) for _ in range(2)]
+        managers = [local_server(*COMMON, "--store", url) for _ in range(2)]
         with ThreadPoolExecutor(2) as pool:  # start both at once; stop whichever started
             futures = [pool.submit(manager.__enter__) for manager in managers]
             for manager, future in zip(managers, futures, strict=True):

@@ -6,13 +6,14 @@ import logging
 
 import pytest
 import torch
-from test_serve_helpers import free_port, redis_server
+from test_serve_helpers import redis_server
 from tiny_models import padded_batch, tiny_model
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import prefill
 from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.local import free_port
 from kvsqueeze.serve.store import ContextKey, DiskTier, Entry, MemoryTier, RedisTier, TieredStore
 
 KEY = ContextKey("tiny", "knorm@0.5", "float32", "abc123", "public")

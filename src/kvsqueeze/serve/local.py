@@ -1,0 +1,111 @@
+"""A kvsqueeze server or a throwaway ``redis-server`` as subprocesses on 127.0.0.1.
+
+For scripts, benchmarks and integration tests: each context manager picks a free port, waits until
+the process answers, yields its URL and always stops the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(check: Callable[[], T], timeout: float, what: str, process: subprocess.Popen | None = None) -> T:
+    """Call ``check`` until it returns something true (exceptions count as not yet); raise
+    ``TimeoutError`` after ``timeout`` seconds, ``RuntimeError`` if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with status {process.returncode}")
+        with contextlib.suppress(Exception):
+            if result := check():
+                return result
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def redis_binary() -> str | None:
+    """Path of ``redis-server`` (Debian package ``redis-server``), or None if not installed."""
+    return shutil.which("redis-server") or next(
+        (p for p in ("/usr/bin/redis-server", "/usr/sbin/redis-server") if os.path.exists(p)), None
+    )
+
+
+@contextlib.contextmanager
+def local_redis(timeout: float = 20) -> Iterator[str]:
+    """A ``redis-server`` that saves nothing; yields ``redis://127.0.0.1:PORT/0``.
+
+    Raises ``FileNotFoundError`` if ``redis-server`` is not installed.
+    """
+    import redis
+
+    binary = redis_binary()
+    if binary is None:
+        raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_for(lambda: redis.Redis.from_url(url).ping(), timeout, "redis-server", process)
+        yield url
+    finally:
+        _stop(process)
+
+
+def _healthy(base: str) -> bool:
+    with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+        return response.status == 200
+
+
+@contextlib.contextmanager
+def local_server(*args: str, timeout: float = 180) -> Iterator[str]:
+    """``python -m kvsqueeze.serve ARGS`` on a free 127.0.0.1 port; yields its base URL.
+
+    If it does not become healthy, the error carries the end of its log.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "kvsqueeze.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_for(lambda: _healthy(base), timeout, "server", process)
+            except (TimeoutError, RuntimeError) as error:
+                log.seek(0)
+                tail = log.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"{error}; log:\n{tail}") from None
+            yield base
+        finally:
+            _stop(process)
