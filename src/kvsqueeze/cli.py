@@ -25,7 +25,9 @@ from kvsqueeze.scorers import SCORERS
 from kvsqueeze.serve.cli import add_serve_command, run_serve
 from kvsqueeze.units import UNITS
 
-DEMO_RECIPES = "full,kvzip+global@0.75,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
+DEMO_RECIPES = (
+    "full,kvzip+global@0.75,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
+)
 EVAL_RECIPES = "full,snapkv@0.75,chunkkv@0.75,streaming@0.75"
 MODES = ("query-agnostic", "query-aware")
 
