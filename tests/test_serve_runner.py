@@ -125,9 +125,9 @@ def test_kvzip_in_the_server_answers_as_the_engine_and_budgets_its_reconstructio
     entry = next(value for event, value in stored.sink.events if event == "context")
     fresh, restored = (
         Sequence(
-            context=context, prompt=tokenizer.encode(question), max_tokens=4, sink=Collector(), restored=entry
+            context=context, prompt=tokenizer.encode(question), max_tokens=4, sink=Collector(), restored=saved
         )
-        for question, entry in ((" Key?", None), (" When does it open?", entry))
+        for question, saved in ((" Key?", None), (" When does it open?", entry))
     )
     run_until_done(runner, [fresh, restored])
     assert len(peaks) == 2  # the stored context and the fresh request; the restored one skips the pass
