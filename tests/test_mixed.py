@@ -106,7 +106,7 @@ def test_mixed_decodes_close_to_the_unquantized_cache_and_round_trips():
     [
         ("snapkv+cake+mixed@0.5", "re-trims"),
         ("snapkv+mixed:high_bits=2,low_bits=4@0.5", "must not exceed"),
-        ("snapkv+mixed:high_bits=3@0.5", "2, 4 or 8"),
+        ("snapkv+mixed:high_bits=3@0.5", "mixed:high_bits must be one of 2, 4, 8, got 3"),
     ],
 )
 def test_mixed_rejects_what_it_cannot_do(text, message):

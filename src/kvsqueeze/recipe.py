@@ -206,8 +206,8 @@ def _build_component(spec: str) -> Component:
         values[key] = _convert(raw, type(defaults[key]), f"{name}:{key}")
     try:
         return component_cls(**values)
-    except ValueError as error:  # an option value the component rejects (bits=3, retrieval=2)
-        raise RecipeError(f"{spec!r}: {error}") from None
+    except ValueError as error:  # out of range (bits=3, window=-3); the message names the option
+        raise RecipeError(str(error)) from None
 
 
 def _convert(raw: str, kind: type, where: str):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.budgets.base import Budget, protected_counts
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import ScoringInputs
 from kvsqueeze.selection import keep_mask
 
@@ -57,11 +58,7 @@ class AdaKV(Budget):
         "Efficient LLM Inference. arXiv:2407.11550"
     )
 
-    alpha: float = 0.2
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"adakv:alpha must be in [0, 1], got {self.alpha}")
+    alpha: float = option(0.2, minimum=0, maximum=1)
 
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvsqueeze.budgets.base import Budget, protected_counts, ranking_by_slot, trim_layer, with_protection
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import ScoringInputs
 
 if TYPE_CHECKING:
@@ -96,9 +97,12 @@ class CAKE(Budget):
     retrims = True
     reads_later_layers = True
 
-    window: int = 32
-    tau1: float = 1.0
-    tau2: float = 1.0
+    window: int = option(32, minimum=1)
+    # the preference raises entropies summed over heads and queries (thousands on real models) to
+    # 1 / tau in float32: small taus overflow it and water_fill fails (0.05 does on a toy model);
+    # 0.2 keeps 1 / tau <= 5, and the paper's tuned values are 0.4 to 2.3
+    tau1: float = option(1.0, minimum=0.2)
+    tau2: float = option(1.0, minimum=0.2)
 
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict

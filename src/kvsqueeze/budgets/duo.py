@@ -8,6 +8,7 @@ import torch
 
 from kvsqueeze.budgets.base import Budget, protected_counts
 from kvsqueeze.budgets.head_profile import ProfileNotFoundError, find_profile
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 from kvsqueeze.scorers.streaming import StreamingLLM
 
@@ -43,16 +44,10 @@ class DuoAttention(Budget):
     )
     sets_own_counts = True
 
-    retrieval: float = 0.25
-    sinks: int = 4
-    recent: int = 64
-    profile: str = ""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.retrieval <= 1.0:
-            raise ValueError(f"duo:retrieval must be in [0, 1], got {self.retrieval}")
-        if self.sinks < 0 or self.recent < 0:
-            raise ValueError("duo:sinks and duo:recent must be >= 0")
+    retrieval: float = option(0.25, minimum=0, maximum=1)
+    sinks: int = option(4, minimum=0)
+    recent: int = option(64, minimum=0)
+    profile: str = option("")
 
     def default_scorer(self) -> Scorer:
         return StreamingLLM(sinks=self.sinks)

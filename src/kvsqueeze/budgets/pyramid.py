@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.budgets.base import Budget, context_available, protected_counts
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import ScoringInputs
 
 
@@ -56,11 +57,7 @@ class PyramidKV(Budget):
         "Funneling. arXiv:2406.02069"
     )
 
-    beta: float = 20.0
-
-    def __post_init__(self) -> None:
-        if self.beta < 1:
-            raise ValueError(f"pyramid:beta must be >= 1, got {self.beta}")
+    beta: float = option(20.0, minimum=1)
 
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvsqueeze.quantizers.kivi import KIVI
+from kvsqueeze.components import option
+from kvsqueeze.quantizers.kivi import CODE_BITS, KIVI
 from kvsqueeze.quantizers.packing import SCALE_DTYPE
 
 
@@ -36,9 +37,9 @@ class GEAR(KIVI):
         "Inference of LLM. arXiv:2403.05527"
     )
 
-    bits: int = 4
-    rank: int = 2
-    outliers: float = 0.02
+    bits: int = option(4, choices=CODE_BITS)
+    rank: int = option(2, minimum=0)
+    outliers: float = option(0.02, minimum=0, maximum=1)
 
     def _outlier_count(self, dim: int) -> int:
         return min(math.ceil(self.outliers * dim), dim) if self.outliers > 0 else 0

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.quantizers.packing import dequantize, pack_codes, quantize, unpack_codes
+
+CODE_BITS = (2, 4, 8)
+"""Code widths that pack whole codes into a byte."""
 
 
 @dataclass
@@ -22,7 +26,7 @@ class KIVI(Quantizer):
 
     Parameters
     ----------
-    bits : 2 or 4.
+    bits : 2, 4 or 8.
     group_size : tokens per key group, and channels per value group.
     residual : recent tokens per head kept in 16-bit floats.
     value_group_size : channels per value group when it should differ from ``group_size``
@@ -34,16 +38,10 @@ class KIVI(Quantizer):
         "Liu et al., 2024. KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache. arXiv:2402.02750"
     )
 
-    bits: int = 2
-    group_size: int = 32
-    residual: int = 32
-    value_group_size: int = 0
-
-    def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"KIVI packs 2, 4 or 8 bits per code, not {self.bits}")
-        if self.group_size < 1 or self.residual < 0 or self.value_group_size < 0:
-            raise ValueError("group_size must be >= 1, residual and value_group_size >= 0")
+    bits: int = option(2, choices=CODE_BITS)
+    group_size: int = option(32, minimum=1)
+    residual: int = option(32, minimum=0)
+    value_group_size: int = option(0, minimum=0)
 
     def _value_groups(self, dim: int) -> int:
         size = self.value_group_size or self.group_size
@@ -86,7 +84,7 @@ class KIVI2(KIVI):
     """KIVI at 2 bits (four codes per byte)."""
 
     name = "kivi2"
-    bits: int = 2
+    bits: int = option(2, choices=CODE_BITS)
 
 
 @dataclass
@@ -94,4 +92,4 @@ class KIVI4(KIVI):
     """KIVI at 4 bits (two codes per byte)."""
 
     name = "kivi4"
-    bits: int = 4
+    bits: int = option(4, choices=CODE_BITS)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvsqueeze.components import option
 from kvsqueeze.quantizers.base import Quantizer
-from kvsqueeze.quantizers.kivi import KIVI
+from kvsqueeze.quantizers.kivi import CODE_BITS, KIVI
 
 
 @dataclass
@@ -31,13 +32,16 @@ class MixedPrecision(Quantizer):
     )
     demotes = True
 
-    high_bits: int = 4
-    low_bits: int = 2
-    group_size: int = 32
-    residual: int = 32
+    high_bits: int = option(4, choices=CODE_BITS)
+    low_bits: int = option(2, choices=CODE_BITS)
+    group_size: int = option(32, minimum=1)
+    residual: int = option(32, minimum=0)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.low_bits > self.high_bits:
-            raise ValueError(f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+            raise ValueError(
+                f"mixed:low_bits ({self.low_bits}) must not exceed mixed:high_bits ({self.high_bits})"
+            )
         self.high = KIVI(self.high_bits, self.group_size, self.residual)
         self.low = KIVI(self.low_bits, self.group_size, self.residual)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import NEVER_EVICT, Scorer, ScoringInputs, sum_by_slot
 from kvsqueeze.scorers.snapkv import observation_window, window_attention
 
@@ -34,8 +35,8 @@ class ChunkKV(Scorer):
     )
     needs_attention = True
 
-    chunk_size: int = 10
-    window: int = 32
+    chunk_size: int = option(10, minimum=1)
+    window: int = option(32, minimum=1)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         in_window = observation_window(inputs, self.window)

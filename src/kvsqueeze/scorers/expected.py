@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import NEVER_EVICT, Scorer, ScoringInputs, first_valid
 
 
@@ -63,12 +64,13 @@ class ExpectedAttention(Scorer):
         "Future Queries Distribution. arXiv:2510.00636"
     )
 
-    window: int = 64
-    future: int = 512
-    sinks: int = 4
-    use_covariance: bool = True
-    use_value_norm: bool = True
-    epsilon: float = 0.0
+    window: int = option(64, minimum=1)
+    future: int = option(512, minimum=1)
+    sinks: int = option(4, minimum=0)
+    use_covariance: bool = option(True)
+    use_value_norm: bool = option(True)
+    # added to attention probabilities (<= 1): larger values drown the attention out of the score
+    epsilon: float = option(0.0, minimum=0, maximum=1)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         if inputs.rope_inv_freq is None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import Scorer, ScoringInputs, last_valid
 
 
@@ -33,7 +34,7 @@ class H2O(Scorer):
     stateful = True
     needs_attention = True
 
-    recent_share: float = 0.5
+    recent_share: float = option(0.5, minimum=0, maximum=1)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         received = inputs.attention_mass().mean(2)

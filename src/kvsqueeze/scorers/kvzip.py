@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import NEVER_EVICT, Scorer, ScoringInputs, first_valid
 
 
@@ -33,7 +34,7 @@ class KVzip(Scorer):
     needs_attention = True
     reconstructs = True
 
-    sinks: int = 4
+    sinks: int = option(4, minimum=0)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         peak = inputs.attention_peak().amax(2)

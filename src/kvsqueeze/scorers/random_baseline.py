@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 
 
@@ -24,7 +25,7 @@ class RandomScorer(Scorer):
     name = "random"
     citation = "Random eviction baseline (no paper)."
 
-    seed: int = 0
+    seed: int = option(0, minimum=0)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + 1000 * inputs.layer_idx)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import NEVER_EVICT, Scorer, ScoringInputs, pool_over_neighbours
 
 
@@ -42,8 +43,8 @@ class SnapKV(Scorer):
     )
     needs_attention = True
 
-    window: int = 32
-    kernel_size: int = 7
+    window: int = option(32, minimum=1)
+    kernel_size: int = option(7, minimum=1, odd=True)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         in_window = observation_window(inputs, self.window)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvsqueeze.components import option
 from kvsqueeze.scorers.base import NEVER_EVICT, Scorer, ScoringInputs, first_valid
 
 
@@ -25,7 +26,7 @@ class StreamingLLM(Scorer):
     name = "streaming"
     citation = "Xiao et al., 2023. Efficient Streaming Language Models with Attention Sinks. arXiv:2309.17453"
 
-    sinks: int = 4
+    sinks: int = option(4, minimum=0)
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         recency = inputs.slots.float()
