@@ -28,6 +28,7 @@ def test_methods_lists_every_scorer_with_its_paper(capsys):
     for name, scorer_cls in {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS}.items():
         assert name in out
         assert scorer_cls.citation.split(".")[0] in out  # "Authors et al., year"
+    assert "window=32 (>= 1), kernel_size=7 (odd and >= 1)" in out
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["methods"], ["demo"], ["eval"], ["calibrate"], ["serve"]])
@@ -63,6 +64,24 @@ def test_unknown_model_path_exits_2_without_traceback():
     assert result.returncode == 2
     assert "/no/such/model/dir" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_option_out_of_range_is_one_error_line_before_the_model_loads():
+    # a model that cannot load: the recipe error shows the recipe is checked first
+    result = kvsqueeze(
+        "run",
+        "--recipe",
+        "snapkv:window=-3@0.5",
+        "--model",
+        "/no/such/model/dir",
+        "--context",
+        "x",
+        "--question",
+        "y",
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: snapkv:window must be >= 1, got -3"]
+    assert result.stdout == ""
 
 
 @pytest.mark.real_model

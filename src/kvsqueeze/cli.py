@@ -402,7 +402,11 @@ def methods_table() -> Table:
     table.add_row("-", "full", "no compression (the baseline)", "")
     for registry in (SCORERS, BUDGETS, UNITS, QUANTIZERS):
         for name, component_cls in registry.items():
-            options = ", ".join(f"{k}={v}" for k, v in component_cls().options().items())
+            ranges = {key: str(allowed) for key, allowed in component_cls.ranges().items()}
+            options = ", ".join(
+                f"{key}={value} ({ranges[key]})" if ranges.get(key) else f"{key}={value}"
+                for key, value in component_cls().options().items()
+            )
             table.add_row(component_cls.kind, name, component_cls.citation, options)
     return table
 
