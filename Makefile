@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast test-serve serve bench bench-serve bench-transformers redis eval leaderboard clean
+.PHONY: demo test test-fast test-serve serve bench bench-decode bench-serve bench-transformers redis eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py
 	$(BIN)/python benchmarks/prefill_overhead.py
+
+# decode ms/token after 1k-8k prefills (DynamicCache vs full, snapkv, kivi4) and the peak RSS of an 8k
+# chunked prefill; ~20 min, run it on a quiet machine; every measurement -> benchmarks/out/decode_scaling.json
+bench-decode: $(STAMP)
+	@mkdir -p benchmarks/out
+	$(BIN)/python benchmarks/decode_scaling.py --json benchmarks/out/decode_scaling.json
 
 # kvsqueeze's quantizers next to transformers' QuantizedCache (quanto, HQQ, fp8) on the same samples;
 # installs the two optional backends into the virtualenv (hqq is then imported by transformers)
