@@ -48,7 +48,7 @@ def test_every_command_has_help(command, capsys):
         (["--recipe", "snapkv@lots"], "is not a number"),
         (["--recipe", "snapkv:windw=8@0.5"], "options: window=<value>, kernel_size=<value>"),
         (["--recipe", "snapkv"], "needs a ratio"),
-        (["--recipe", "kvzip+cake@0.5"], "use global, pyramid or adakv"),
+        (["--recipe", "snapkv:window=-3@0.5"], "snapkv:window must be >= 1, got -3"),
         (["--context-file", "/no/such/file.txt"], "cannot read --context-file"),
         (["--chunk-size", "0"], "--chunk-size must be a positive"),
     ],
@@ -128,7 +128,8 @@ def test_run_json_reports_bytes_and_times(real_model, tmp_path):
     assert report["kv_dtype"] == "float32"
     assert report["recipe"] == "streaming@0.5"
     assert report["mode"] == "query-agnostic"
-    assert 0.45 < 1 - report["kv_bytes"] / report["kv_bytes_full"] < 0.5
+    # half the context evicted; paged storage holds up to one partly filled block per head on top
+    assert 0.40 < 1 - report["kv_bytes"] / report["kv_bytes_full"] < 0.5
 
 
 def test_recipe_lists_keep_multi_option_recipes_whole():

@@ -62,8 +62,8 @@ def test_later_turns_answer_against_an_untouched_copy(tiny):
         model, tokenizer, CONTEXT, questions, "snapkv@0.5", query_aware=True, max_new_tokens=6
     )
     assert [t.mode for t in aware] == ["query-aware"] * 3
-    # later turns hold the context compressed for the first question, its tokens evicted
-    assert aware[1].kv_bytes < aware[0].kv_bytes
+    # later turns hold the context compressed for the first question, its tokens cropped
+    assert aware[1].tokens_kept < aware[0].tokens_kept
 
 
 def test_continuation_logits_full_is_exact_and_compression_diverges(tiny, tokenizer):

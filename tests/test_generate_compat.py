@@ -42,18 +42,6 @@ MODES = {
 ROLLBACK_MODES = {"assisted": {"assistant": True}, "prompt_lookup": {"prompt_lookup_num_tokens": 3}}
 COMPRESSED_RECIPES = ("snapkv@0.5", "kivi2", "snapkv+kivi4@0.5")
 
-CROP_IGNORES_NEGATIVE = pytest.mark.xfail(
-    strict=True,
-    reason="CompressedLayer.crop returns early on a negative count, so crop(-n) removes nothing: the "
-    "candidates generate rejects stay in the cache and get_seq_length stays too long",
-)
-CROP_REMOVES_ON_POSITIVE = pytest.mark.xfail(
-    strict=True,
-    reason="CompressedLayer.crop(n) with n > 0 removes the last n tokens (the pre-5.x meaning) instead "
-    "of raising ValueError like DynamicLayer.crop",
-)
-
-
 # --- models, prompts and caches ---------------------------------------------------------------
 
 
@@ -171,7 +159,6 @@ def test_generate_matches_dynamic_cache(arch: str, batch: int, mode: str) -> Non
     assert_same_generation(out, reference)
 
 
-@CROP_IGNORES_NEGATIVE
 @pytest.mark.parametrize("mode", list(ROLLBACK_MODES))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rollback_generate_matches_dynamic_cache(arch: str, mode: str) -> None:
@@ -269,7 +256,6 @@ def extended(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat([mask, mask.new_ones(mask.shape[0], count)], dim=1)
 
 
-@CROP_IGNORES_NEGATIVE
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_crop_negative_removes_the_last_tokens(arch: str, batch: int) -> None:
@@ -291,7 +277,7 @@ def test_crop_negative_removes_the_last_tokens(arch: str, batch: int) -> None:
     "make_cache",
     [
         pytest.param(DynamicCache, id="dynamic"),  # DynamicLayer; a sliding layer raises RuntimeError
-        pytest.param(compressed, id="compressed", marks=CROP_REMOVES_ON_POSITIVE),
+        pytest.param(compressed, id="compressed"),
     ],
 )
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache, generate, generate_batch, install
-from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, repeat_request, split_prompt
+from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, split_prompt
+from kvsqueeze.prefill import repeat_request
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers import NEVER_EVICT, KVzip
 from kvsqueeze.scorers.base import inputs_from_tensors
@@ -56,27 +57,32 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
     ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
     length = ids.shape[1]
     request, header = repeat_request(tokenizer)
-    seen = []
-    original = KVzip.score
+    seen, observed = [], []
+    original_score, original_observe = KVzip.score, CompressedCache.observe
 
-    def recording(self, inputs):
-        scores = original(self, inputs)
-        seen.append((inputs.query_slots[0].tolist(), inputs.protected[0, 0].sum().item(), scores))
+    def scoring(self, inputs):
+        scores = original_score(self, inputs)
+        seen.append((inputs.protected[0, 0].sum().item(), scores))
         return scores
 
-    monkeypatch.setattr(KVzip, "score", recording)
+    def observing(self, layer, observation):
+        observed.append(list(range(layer.seen - observation.new_tokens, layer.seen)))
+        original_observe(self, layer, observation)
+
+    monkeypatch.setattr(KVzip, "score", scoring)
+    monkeypatch.setattr(CompressedCache, "observe", observing)
     cache = CompressedCache(Recipe.parse("kvzip@0.5"))
     prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
 
     copy_length = len(request) + length - len(header)
-    assert len(seen) == len(cache.layers) == 2
-    for query_slots, protected, _ in seen:
-        assert query_slots == list(range(length, length + copy_length))
-        assert protected == copy_length
+    assert len(seen) == len(observed) == len(cache.layers) == 2
+    # the attention peaks come from the queries of the copy's forward, the only one observed
+    assert observed == [list(range(length, length + copy_length))] * 2
+    assert [protected for protected, _ in seen] == [copy_length] * 2
     assert cache.get_seq_length() == length
-    for layer, (_, _, scores) in zip(cache.layers, seen, strict=True):
-        assert (layer.lengths == math.ceil(0.5 * length)).all()
-        for head in range(layer.lengths.shape[1]):
+    for layer, (_, scores) in zip(cache.layers, seen, strict=True):
+        assert (layer.held_lengths() == math.ceil(0.5 * length)).all()
+        for head in range(layer.held_lengths().shape[1]):
             kept = set(layer.view().slots[0, head].tolist())
             best = scores[0, head, :length].topk(math.ceil(0.5 * length)).indices.tolist()
             assert kept == set(best)
@@ -115,7 +121,7 @@ def _feed_with_junk(model, cache, context, junk, question, crop: bool) -> torch.
     if crop:
         with cache.settings(compress_prefill=False):
             prefill(model, cache, junk, torch.ones(1, context.shape[1] + junk.shape[1], dtype=torch.long))
-        cache.crop(junk.shape[1])
+        cache.crop(-junk.shape[1])
     with cache.settings(compress_prefill=False):
         mask = torch.ones(1, context.shape[1] + question.shape[1], dtype=torch.long)
         return prefill(model, cache, question, mask)
@@ -152,10 +158,11 @@ def test_quantizer_packs_only_what_the_reconstruction_pass_kept(tiny):
     prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
     kept = math.ceil(0.5 * ids.shape[1])
     for layer in cache.layers:
+        quantized = layer.quantized[0]
         assert (layer.held_lengths() == kept).all()
-        assert (layer.body.lengths == (kept - 8) // 8 * 8).all()
-        assert (layer.body.group_counts * 8 == layer.body.lengths).all()
-        assert (layer.lengths == kept - layer.body.lengths).all()
+        assert (quantized.count == (kept - 8) // 8 * 8).all()
+        assert (quantized.blocks * 8 == quantized.count).all()  # whole blocks only
+        assert (layer.dense.count == kept - quantized.count).all()
 
 
 def test_batched_reconstruction_matches_each_context_alone(tiny):

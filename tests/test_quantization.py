@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_cache import fixed_recipe, run
+from test_cache import bookkeeping_bytes, fixed_recipe, held_block_bytes, run
 from tiny_models import padded_batch, tiny_model
 
 from kvsqueeze.attention import install
@@ -39,36 +39,33 @@ def test_quantization_error_within_half_a_step(bits):
 
 def test_kivi_groups_keys_per_channel_and_values_per_token():
     quantizer = KIVI2(group_size=4)
-    keys = torch.randn(8, 8)
-    keys[:, 3] *= 100  # an outlier channel: per-channel grouping confines its range to channel 3
-    per_token, per_group = quantizer.encode(keys, torch.randn(8, 8))
-    assert per_group["key_scale"].shape == (2, 8) and per_token["value_scale"].shape == (8, 2)
-    assert per_group["key_scale"][:, 3].min() > 10 * per_group["key_scale"][:, [0, 1, 2, 4]].max()
-    decoded, _ = quantizer.decode(per_token, per_group, torch.tensor([4, 4]))
-    ranges = keys.reshape(2, 4, 8).amax(1) - keys.reshape(2, 4, 8).amin(1)
-    assert bool(((decoded - keys).abs().reshape(2, 4, 8) <= ranges[:, None] / 6 + 1e-2).all())
+    keys = torch.randn(2, 4, 8)
+    keys[..., 3] *= 100  # an outlier channel: per-channel grouping confines its range to channel 3
+    per_token, per_block = quantizer.encode_blocks(keys, torch.randn(2, 4, 8))
+    assert per_block["key_scale"].shape == (2, 8) and per_token["value_scale"].shape == (2, 4, 2)
+    assert per_block["key_scale"][:, 3].min() > 10 * per_block["key_scale"][:, [0, 1, 2, 4]].max()
+    decoded, _ = quantizer.decode_blocks(per_token, per_block)
+    ranges = keys.amax(1) - keys.amin(1)
+    assert bool(((decoded - keys).abs() <= ranges[:, None] / 6 + 1e-2).all())
 
 
 def test_value_groups_can_differ_from_key_groups():
-    keys, values = torch.randn(8, 16), torch.randn(8, 16)
-    per_token, per_group = KIVI2(group_size=4, value_group_size=16).encode(keys, values)
-    assert per_group["key_scale"].shape == (2, 16)  # keys: one scale per channel per 4 tokens
-    assert per_token["value_scale"].shape == (8, 1)  # values: one scale per token over 16 channels
-    assert KIVI2(group_size=4).encode(keys, values)[0]["value_scale"].shape == (8, 4)
-
-
-def held_bytes(cache: CompressedCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.tensors().values())
+    keys, values = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    per_token, per_block = KIVI2(group_size=4, value_group_size=16).encode_blocks(keys, values)
+    assert per_block["key_scale"].shape == (2, 16)  # keys: one scale per channel per block of 4 tokens
+    assert per_token["value_scale"].shape == (2, 4, 1)  # values: one scale per token over 16 channels
+    assert KIVI2(group_size=4).encode_blocks(keys, values)[0]["value_scale"].shape == (2, 4, 4)
 
 
 def kivi_theoretical_bytes(layers, heads, quantized, recent, dim, bits, group, with_slots):
-    """codes + 16-bit scales/minimums + 16-bit recent window + int32 slots, per the KIVI layout."""
-    codes = 2 * quantized * dim * bits / 8
-    key_scales = 2 * math.ceil(quantized / group) * dim * 2
-    value_scales = 2 * quantized * (dim // group if dim % group == 0 else 1) * 2
-    window = 2 * recent * dim * 2
-    slots = 4 * (quantized + recent) if with_slots else 0
-    return layers * heads * (codes + key_scales + value_scales + window + slots)
+    """Blocks of ``group`` tokens in the KIVI layout: codes + 16-bit per-token value scales and
+    minimums + 16-bit per-channel key scales and minimums per block, the 16-bit recent window in
+    blocks of ``group``, int32 slots per token and an int64 fill count per quantized block."""
+    blocks, recent_blocks = math.ceil(quantized / group), math.ceil(recent / group)
+    per_token = 2 * dim * bits / 8 + 2 * 2 * (dim // group if dim % group == 0 else 1) + 4 * with_slots
+    quantized_block = group * per_token + 2 * 2 * dim + 8
+    recent_block = group * (2 * dim * 2 + 4 * with_slots)
+    return layers * heads * (blocks * quantized_block + recent_blocks * recent_block)
 
 
 @pytest.mark.parametrize(("recipe", "kept", "quantized"), [("kivi2", 70, 64), ("snapkv+kivi4@0.5", 35, 24)])
@@ -81,20 +78,23 @@ def test_real_bytes_match_codes_scales_window_and_indices(recipe, kept, quantize
     with torch.no_grad():
         prefill(model, cache, ids, mask)
     layer = cache.layers[0]
-    assert layer.body.lengths.unique().tolist() == [quantized]
-    assert layer.lengths.unique().tolist() == [kept - quantized]
-    assert cache.nbytes() == held_bytes(cache)
+    assert layer.quantized[0].count.unique().tolist() == [quantized]
+    assert layer.dense.count.unique().tolist() == [kept - quantized]
+    assert cache.nbytes() == held_block_bytes(cache)
     theory = kivi_theoretical_bytes(
         2, 2, quantized, kept - quantized, 16, parsed.quantizer.bits, 8, with_slots="snapkv" in recipe
     )
-    assert abs(cache.nbytes() / theory - 1) < 0.05
-    assert cache.nbytes() < cache.nbytes_full(torch.float16) / 2  # head_dim 16: scales weigh a lot
+    content = cache.nbytes() - bookkeeping_bytes(cache)  # tables: 8 bytes per block, 7% here, 0.1% at D=64
+    assert abs(content / theory - 1) < 0.05
+    assert content < cache.nbytes_full(torch.float16) / 2  # head_dim 16: scales weigh a lot
 
 
-def quantized_codes_by_head_and_slot(body) -> dict[tuple[int, int], torch.Tensor]:
-    heads = torch.repeat_interleave(torch.arange(body.lengths.numel()), body.lengths.flatten())
-    pairs = zip(heads.tolist(), body.tokens["slots"].tolist(), strict=True)
-    return dict(zip(pairs, body.tokens["key_codes"], strict=True))
+def quantized_codes_by_head_and_slot(tier) -> dict[tuple[int, int, int], torch.Tensor]:
+    """``(row, head, slot) -> key codes`` of every token a quantized tier holds."""
+    held, slots, codes = tier.held(), tier.gather("slots"), tier.gather("key_codes")
+    return {
+        (row, head, int(slots[row, head, i])): codes[row, head, i] for row, head, i in held.nonzero().tolist()
+    }
 
 
 def test_quantized_tokens_survive_later_eviction_without_requantization():
@@ -104,14 +104,13 @@ def test_quantized_tokens_survive_later_eviction_without_requantization():
     cache = CompressedCache(recipe)
     with torch.no_grad():
         prefill(model, cache, ids[:, :32], mask[:, :32])
-        before = quantized_codes_by_head_and_slot(cache.layers[0].body)
+        before = quantized_codes_by_head_and_slot(cache.layers[0].quantized[0])
         prefill(model, cache, ids[:, 32:], mask)
-    body = cache.layers[0].body
-    after = quantized_codes_by_head_and_slot(body)
+    after = quantized_codes_by_head_and_slot(cache.layers[0].quantized[0])
     survivors = before.keys() & after.keys()
     assert 0 < len(survivors) < len(before)  # some old quantized tokens evicted, others kept
     assert all(torch.equal(after[key], before[key]) for key in survivors)
-    assert int(body.group_sizes.sum()) == body.tokens["key_codes"].shape[0]
+    cache.layers[0].validate()
 
 
 def test_attention_sees_dequantized_body_and_decode_stays_close_to_full():
@@ -136,7 +135,7 @@ def test_quantized_cache_state_dict_and_stack_round_trip():
             cache = CompressedCache(recipe)
             prefill(model, cache, ids, mask)
             caches.append(cache)
-    assert all(int(cache.layers[0].body.lengths.min()) > 0 for cache in caches)
+    assert all(int(cache.layers[0].quantized[0].count.min()) > 0 for cache in caches)
     tensors, meta = caches[0].state_dict()
     restored = CompressedCache.from_state_dict(tensors, meta)
     assert restored.nbytes() == caches[0].nbytes()
@@ -149,9 +148,12 @@ def test_quantized_cache_state_dict_and_stack_round_trip():
 
 
 def relative_error(quantizer, keys, values):
-    sizes = torch.full((keys.shape[0] // quantizer.group_size,), quantizer.group_size)
-    per_token, per_group = quantizer.encode(keys, values)
-    decoded_keys, decoded_values = quantizer.decode(per_token, per_group, sizes)
+    """Relative error of ``[N, D]`` keys and values encoded in blocks of ``group_size`` tokens."""
+    blocks = (-1, quantizer.group_size, keys.shape[-1])
+    per_token, per_block = quantizer.encode_blocks(keys.reshape(blocks), values.reshape(blocks))
+    decoded_keys, decoded_values = (
+        t.reshape(keys.shape) for t in quantizer.decode_blocks(per_token, per_block)
+    )
     return ((decoded_keys - keys).norm() / keys.norm()).item(), (
         (decoded_values - values).norm() / values.norm()
     ).item()
@@ -172,14 +174,14 @@ def test_gear_corrections_each_reduce_the_error_of_plain_quantization():
 
 
 def test_gear_restores_outliers_and_stores_a_row_per_token():
-    keys, values = torch.randn(32, 16), torch.randn(32, 16)
-    keys[4, 9] = 50.0
+    keys, values = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+    keys[0, 4, 9] = 50.0
     quantizer = GEAR(group_size=8, rank=2, outliers=0.1)
-    per_token, per_group = quantizer.encode(keys, values)
-    decoded, _ = quantizer.decode(per_token, per_group, torch.full((4,), 8))
-    assert abs(decoded[4, 9].item() - 50.0) < 0.05  # 16-bit value, exact position
-    assert per_token["key_low_rank"].shape == (32, 2) and per_group["key_basis"].shape == (4, 2 * 16)
-    assert per_token["key_outlier_index"].shape == (32, 2)
+    per_token, per_block = quantizer.encode_blocks(keys, values)
+    decoded, _ = quantizer.decode_blocks(per_token, per_block)
+    assert abs(decoded[0, 4, 9].item() - 50.0) < 0.05  # 16-bit value, exact position
+    assert per_token["key_low_rank"].shape == (4, 8, 2) and per_block["key_basis"].shape == (4, 2 * 16)
+    assert per_token["key_outlier_index"].shape == (4, 8, 2)
 
 
 def test_gear_in_the_cache_composes_with_eviction():
@@ -190,6 +192,6 @@ def test_gear_in_the_cache_composes_with_eviction():
         full = run(model, CompressedCache(Recipe.parse("knorm@0.5")), ids, mask)
         cache = CompressedCache(recipe)
         gear = run(model, cache, ids, mask)
-    assert int(cache.layers[0].body.lengths.min()) > 0
-    assert cache.nbytes() == held_bytes(cache)
+    assert int(cache.layers[0].quantized[0].count.min()) > 0
+    assert cache.nbytes() == held_block_bytes(cache)
     assert (gear - full).abs().max() < 0.1  # 4-bit + corrections: close to the unquantized eviction

@@ -49,5 +49,5 @@ def test_serve_subcommand_defaults_to_loopback_and_repeats_stores_and_keys():
 def test_serve_refuses_a_recipe_that_does_not_parse_before_loading_the_model(capsys):
     from kvsqueeze.cli import main
 
-    assert main(["serve", "--recipe", "kvzip+cake@0.5", "--model", "/no/such/model"]) == 2
-    assert "use global, pyramid or adakv" in capsys.readouterr().err
+    assert main(["serve", "--recipe", "snapkv:window=-3@0.5", "--model", "/no/such/model"]) == 2
+    assert "snapkv:window must be >= 1, got -3" in capsys.readouterr().err

@@ -143,7 +143,8 @@ def test_the_server_refuses_a_kvzip_context_it_cannot_feed_twice(tiny):
     model, tokenizer = tiny
     server = Server(ServeConfig(model_name="tiny", recipe="kvzip@0.5"), model, tokenizer)
     half = server.max_length // 2
-    server.check_size(half - server.runner.repeat_tokens, 8, 8)
+    request = server.runner.strategy.positions_needed(0)  # the repeat request alone
+    server.check_size(half - request, 8, 8)
     with pytest.raises(APIError, match="feeding it twice"):
         server.check_size(half, 8, 8)
     Server(ServeConfig(model_name="tiny", recipe="snapkv@0.5"), model, tokenizer).check_size(half, 8, 8)

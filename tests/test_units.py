@@ -60,8 +60,6 @@ def test_recipe_strings_with_a_unit():
         Recipe.parse("words")
     with pytest.raises(RecipeError, match="two units"):
         Recipe.parse("snapkv+words+words@0.5")
-    with pytest.raises(RecipeError, match="pyramid or adakv"):
-        Recipe.parse("kvzip+cake@0.5")
 
 
 def _split_words(model, tokenizer, recipe: str) -> list[int]:

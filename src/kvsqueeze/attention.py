@@ -1,9 +1,13 @@
-"""The attention hook: attention over ragged compressed storage, and compression after it.
+"""The attention function over paged storage, and the hooks that drive the compression step.
 
-Registered once as the attention implementation ``"kvsqueeze"`` (plus a mask function of the same
-name, so transformers materialises the padding/causal/sliding mask instead of dropping it). The
-model calls ``cache.update`` and hands us what it returned; a ``LayerView`` attached to the key
-tensor leads back to the cache layer. With any other cache the hook is plain SDPA.
+Registered as the attention implementation ``"kvsqueeze"`` (plus a mask function of the same
+name, so transformers materialises padding/sliding-window masks). The model calls
+``cache.update`` and hands us what it returned; the key tensor leads back to the cache layer. The
+function attends over the layer's held blocks (gathered per head, quantized blocks decoded) with
+a per-head mask gathered at the stored slots, and, during a forward the cache compresses,
+records what the recipe asks for (``kvsqueeze.compression.Observation``). It never evicts:
+``install`` also hooks the model so that the cache compresses when each forward ends. With any
+other cache the function is plain SDPA.
 """
 
 from __future__ import annotations
@@ -13,53 +17,84 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvsqueeze.cache import CompressedLayer, LayerView
+from kvsqueeze.cache import CompressedCache
+from kvsqueeze.compression import Observation
 from kvsqueeze.scorers.base import ScoringInputs
+from kvsqueeze.storage.layer import HeldTokens, PagedLayer
 
 ATTENTION_NAME = "kvsqueeze"
 
 
-def head_mask(
-    attention_mask: torch.Tensor | None, slots: torch.Tensor, query_slots: torch.Tensor
-) -> torch.Tensor:
-    """Per-KV-head boolean mask ``[B, Hkv, q, L]`` for candidates at ``slots [B, Hkv, L]``.
+def held_mask(
+    attention_mask: torch.Tensor | None, held: HeldTokens, seen: int, q_len: int
+) -> torch.Tensor | None:
+    """Which held entries each query may see: ``[B, 1 or Hkv, q, L]`` bool, or None (all).
 
-    ``attention_mask`` is the model's 4D mask ``[B, 1, q, T]`` over slots (bool, or additive
-    float); its columns are gathered at each head's stored slots. Without one, the mask is causal
-    by slot (``query_slots [q]``). Padding entries (slot ``-1``) are masked.
+    ``attention_mask`` is the model's 4D mask ``[B, 1, q, T]`` over slots (bool or additive
+    float; None when transformers found nothing to mask); its columns are gathered at each
+    head's slots. Without one, every held token is visible to every query but the causal order
+    among the new ones, which only happens on the first forward (SDPA's ``is_causal`` then).
     """
-    batch, heads, length = slots.shape
-    stored = slots >= 0
     if attention_mask is None:
-        allowed = slots[:, :, None, :] <= query_slots[None, None, :, None]
-        return allowed & stored[:, :, None, :]
+        return None if held.valid is None else held.valid[:, :, None, :]
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    q_len = attention_mask.shape[2]
-    index = slots.clamp(min=0)[:, :, None, :].expand(batch, heads, q_len, length)
+    length = held.keys.shape[2]
+    if held.contiguous:
+        return attention_mask[..., seen - length : seen]
+    batch, heads, _ = held.slots.shape
+    index = held.slots.clamp(min=0)[:, :, None, :].expand(batch, heads, q_len, length)
     gathered = attention_mask.expand(batch, heads, q_len, -1).gather(-1, index)
-    return gathered & stored[:, :, None, :]
+    return gathered & (held.slots >= 0)[:, :, None, :]
 
 
 def grouped_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """SDPA with a different mask per KV head: ``query [B, Hq, q, D]``, ``mask [B, Hkv, q, L]``.
+    """Attention of ``query [B, Hq, q, D]`` over ``key``/``value`` ``[B, Hkv, L, D]`` with a mask
+    per KV head ``[B, 1 or Hkv, q, L]`` (None: causal among the last ``q`` keys, which then are
+    all the keys). Returns ``[B, q, Hq, D]``.
 
     The ``n_rep`` query heads sharing a KV head are folded into the query axis, so keys and values
-    are never repeated. Returns ``[B, q, Hq, D]``. Fully masked rows (padding queries) give finite
-    garbage, as in transformers, instead of NaN.
+    are never repeated. ``softcap`` (Gemma 2) caps the logits with ``tanh`` before the softmax.
+    Fully masked rows (padding queries) give finite garbage, as in transformers, instead of NaN.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     n_rep = q_heads // kv_heads
+    causal = mask is None and q_len > 1
+    if causal and softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=n_rep > 1
+        )
+        return out.transpose(1, 2).contiguous()
+    if causal:
+        mask = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril(
+            key.shape[2] - q_len
+        )
+        mask = mask[None, None]
     folded = query.reshape(batch, kv_heads, n_rep * q_len, dim)
-    bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
-    bias.masked_fill_(~mask, torch.finfo(query.dtype).min)
-    bias = (
-        bias[:, :, None].expand(batch, kv_heads, n_rep, q_len, -1).reshape(batch, kv_heads, n_rep * q_len, -1)
-    )
-    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=bias, scale=scaling)
+    if mask is not None and q_len > 1:
+        mask = (
+            mask[:, :, None]
+            .expand(-1, -1, n_rep, -1, -1)
+            .reshape(mask.shape[0], mask.shape[1], n_rep * q_len, -1)
+        )
+    if softcap is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            folded, key, value, attn_mask=mask, scale=scaling
+        )
+    else:
+        logits = (folded @ key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
+        logits = torch.tanh(logits / softcap) * softcap
+        if mask is not None:
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        out = logits.softmax(-1) @ value
     return out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
@@ -74,88 +109,96 @@ def kvsqueeze_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention function registered as ``"kvsqueeze"`` (signature of transformers' interface)."""
-    view: LayerView | None = getattr(key, "kvsqueeze_view", None)
-    if view is None:
+    layer: PagedLayer | None = getattr(key, "kvsqueeze_layer", None)
+    if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    layer = view.layer
     q_len = query.shape[2]
-    query_slots = torch.arange(layer.seen - q_len, layer.seen, device=query.device)
-    if view.is_prefix:
-        output, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout, scaling, **kwargs
-        )
-    else:
-        mask = head_mask(attention_mask, view.slots, query_slots)
-        output = grouped_attention(query, view.keys, view.values, mask, scaling)
-    if layer.cache.compresses(q_len):
-        compress_layer(module, layer, view, query, attention_mask, query_slots, scaling, kwargs)
-    if layer.cache.quantize_now:
-        layer.settle()
+    held = layer.held_tokens(query.dtype)
+    mask = held_mask(attention_mask, held, layer.seen, q_len)
+    output = grouped_attention(query, held.keys, held.values, mask, scaling, kwargs.get("softcap"))
+    if layer.cache.compresses(layer, q_len):
+        layer.cache.observe(layer, observe(layer, held, query, attention_mask, scaling, kwargs))
     return output, None
 
 
-def compress_layer(
-    module: torch.nn.Module,
-    layer: CompressedLayer,
-    view: LayerView,
+def observe(
+    layer: PagedLayer,
+    held: HeldTokens,
     query: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    query_slots: torch.Tensor,
     scaling: float | None,
     kwargs: dict,
-) -> None:
-    """Score this layer's candidates with the cache's recipe and keep the selected tokens."""
+) -> Observation:
+    """What the compression step will need of this forward: the last queries the recipe reads
+    and the attention statistics its scorer computes over every query (see ``Observation``)."""
+    recipe = layer.recipe
     batch, _, q_len, dim = query.shape
-    # a candidate the last query cannot see (left padding, outside a sliding window) is dead weight
-    visible = head_mask(
-        attention_mask[:, :, -1:] if attention_mask is not None else None, view.slots, query_slots[-1:]
+    query_slots = torch.arange(layer.seen - q_len, layer.seen, device=query.device).expand(batch, q_len)
+    positions = kwargs.get("position_ids")
+    positions = query_slots if positions is None else positions.expand(batch, q_len)
+    scale = scaling if scaling is not None else dim**-0.5
+    last_row = None if attention_mask is None else attention_mask[:, 0, -1, :]
+    if last_row is not None and last_row.dtype != torch.bool:
+        last_row = last_row > torch.finfo(last_row.dtype).min / 2
+    window = min(recipe.observed_queries(), q_len)
+    observation = Observation(
+        queries=query[:, :, q_len - window :],
+        query_positions=positions[:, q_len - window :],
+        query_slots=query_slots[:, q_len - window :],
+        scaling=scale,
+        last_row=last_row,
+        new_tokens=q_len,
     )
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = query_slots[None]
-    config = module.config
-    inputs = ScoringInputs(
-        keys=view.keys,
-        values=view.values,
-        slots=view.slots,
-        valid=visible[:, :, 0],
-        queries=query,
-        query_positions=position_ids.expand(batch, q_len),
-        query_slots=query_slots.expand(batch, q_len),
-        scaling=scaling if scaling is not None else dim**-0.5,
-        layer_idx=module.layer_idx,
-        num_layers=config.num_hidden_layers,
-        rope_inv_freq=layer.cache.rope_inv_freq(config, query.device),
-        previous_scores=view.scores,
-        config=config,
-        units=layer.cache.units_of(view.slots),
-    )
-    valid = inputs.valid
-    protect_from = layer.cache.protect_from
-    protected = valid & (view.slots >= protect_from) if protect_from is not None else torch.zeros_like(valid)
-    new_context = valid & ~protected & (view.slots >= layer.seen - q_len)
-    layer.context_seen += new_context[:, 0].sum(-1)
-    recipe, budget_state = layer.cache.recipe, layer.cache.budget_state
-    keep, state = recipe.select(inputs, layer.context_seen, protected, budget_state)
-    demotes = recipe.quantizer is not None and recipe.quantizer.demotes
-    layer.keep(view, keep, state, demote=valid if demotes else None)
-    if recipe.budget is not None:  # CAKE re-trims the layers before this one
-        recipe.budget.rebalance(layer.cache.layers, module.layer_idx, budget_state)
+    if recipe.scorer.statistics:
+        valid = held.slots >= 0
+        if last_row is not None:
+            valid = valid & last_row[:, None, :].expand(-1, held.slots.shape[1], -1).gather(
+                -1, held.slots.clamp(min=0)
+            )
+        inputs = ScoringInputs(
+            keys=held.keys,
+            values=held.values,
+            slots=held.slots,
+            valid=valid,
+            queries=query,
+            query_positions=positions,
+            query_slots=query_slots,
+            scaling=scale,
+        )
+        for name in recipe.scorer.statistics:
+            stat = getattr(inputs, name)()  # [B, Hkv, n_rep, L]
+            by_slot = stat.new_zeros(*stat.shape[:3], layer.seen)
+            index = held.slots.clamp(min=0)[:, :, None].expand_as(stat)
+            observation.statistics[name] = by_slot.scatter(-1, index, stat.masked_fill(~valid[:, :, None], 0))
+    return observation
 
 
-def _kvsqueeze_mask(*args, **kwargs):
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+def _begin_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, CompressedCache):
+        cache.configure(module.config)
+
+
+def _end_forward(module: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, CompressedCache):
+        cache.end_forward()
 
 
 def register() -> None:
     """Register the attention and mask functions under ``"kvsqueeze"`` (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, kvsqueeze_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _kvsqueeze_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 def install(model: PreTrainedModel) -> PreTrainedModel:
-    """Make ``model`` run its attention through kvsqueeze (harmless with other caches)."""
+    """Make ``model`` run its attention through kvsqueeze (harmless with other caches) and
+    compress a ``CompressedCache`` at the end of every forward (idempotent)."""
     register()
     model.set_attn_implementation(ATTENTION_NAME)
+    decoder = model.base_model
+    if not getattr(decoder, "_kvsqueeze_hooked", False):
+        decoder.register_forward_pre_hook(_begin_forward, with_kwargs=True)
+        decoder.register_forward_hook(_end_forward, with_kwargs=True)
+        decoder._kvsqueeze_hooked = True
     return model

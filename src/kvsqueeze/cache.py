@@ -1,374 +1,124 @@
-"""``CompressedCache``: a ``transformers.Cache`` with ragged per-(batch, KV head) storage.
+"""``CompressedCache``: a ``transformers.Cache`` of paged per-(batch, KV head) blocks.
 
-Each layer stores, per (batch row, KV head), only the tokens that head keeps: post-RoPE keys and
-values, the slot (index in the full sequence) of each token, and optionally a running score of a
-stateful scorer. Until the first eviction every head holds slots ``0..seen-1``, so slots are
-implied and not stored (a full cache holds what ``DynamicCache`` holds). ``get_seq_length``
-reports the *true* number of tokens fed (RoPE positions keep counting after eviction); masks are
-rebuilt per head from the stored slots by the attention hook (``kvsqueeze.attention``).
-``nbytes`` is the sum of the bytes of every tensor held at rest.
+Each layer is a ``PagedLayer`` (``kvsqueeze.storage``): per (batch row, KV head) a table of
+fixed-size token blocks holding only the tokens that head keeps, in the model's dtype or
+quantized. Appending a token writes into a head's tail block; nothing stored is copied.
+``get_seq_length`` reports the *true* number of tokens fed (RoPE positions keep counting after
+eviction). ``nbytes`` is the bytes of the blocks in use plus their tables; ``nbytes_reserved``
+the pools' free blocks; ``nbytes_full`` what transformers' own default cache would hold for the
+same tokens (a sliding-window layer holds its window).
+
+Compression is a step between forwards: during a prefill forward the attention function records
+what the recipe asks for, and when the forward ends (``end_forward``, called by the hook that
+``kvsqueeze.attention.install`` puts on the model) the cache is compressed
+(``kvsqueeze.compression``) and full blocks are quantized.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from kvsqueeze import ragged
+from kvsqueeze.baseline import layer_windows
 from kvsqueeze.compat import rope_inverse_frequencies
-from kvsqueeze.quantized_store import Body, body_from_tensors, new_body, with_prefix
-from kvsqueeze.quantizers.base import RESIDUAL_DTYPE, Quantizer
+from kvsqueeze.compression import compress
+from kvsqueeze.storage.layer import PagedLayer, concat_layer_exports
 
 if TYPE_CHECKING:
+    from kvsqueeze.compression import Observation
     from kvsqueeze.recipe import Recipe
 
-
-@dataclass
-class LayerView:
-    """Transient padded view of one layer, handed from ``update`` to the attention hook.
-
-    ``keys``/``values`` are ``[B, Hkv, L, D]`` in the model's dtype (quantized tokens
-    dequantized); ``slots`` ``[B, Hkv, L]`` (``-1`` = padding); ``scores`` ``[B, Hkv, L]`` or
-    None; per head the ``body_lengths [B, Hkv]`` first entries are quantized tokens. ``is_prefix``
-    is True when every head holds exactly the slots ``0..L-1`` (nothing evicted), so the model's
-    own mask applies unchanged.
-    """
-
-    layer: CompressedLayer
-    keys: torch.Tensor
-    values: torch.Tensor
-    slots: torch.Tensor
-    scores: torch.Tensor | None
-    body_lengths: torch.Tensor
-    is_prefix: bool
-
-
-class CompressedLayer(CacheLayerMixin):
-    """One decoder layer's ragged storage (see module docstring).
-
-    ``keys``/``values``/``slots``/``scores`` hold each head's tokens in full precision; with a
-    quantizer in the recipe they hold only the recent window (in 16 bits) and ``body`` holds the
-    older tokens, quantized (``kvsqueeze.quantized_store``).
-    """
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-
-    def __init__(self, cache: CompressedCache):
-        super().__init__()
-        self.cache = cache
-        self.slots: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.lengths: torch.Tensor | None = None
-        self.seen = 0
-        self.context_seen: torch.Tensor | None = None
-        self.offsets: torch.Tensor | None = None
-        self.body: Body | None = None
-
-    @property
-    def quantizer(self) -> Quantizer | None:
-        return None if self.cache.recipe is None else self.cache.recipe.quantizer
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, dim = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        storage = self.dtype if self.quantizer is None else RESIDUAL_DTYPE
-        self.keys = key_states.new_empty((0, dim), dtype=storage)
-        self.values = value_states.new_empty((0, value_states.shape[-1]), dtype=storage)
-        self.lengths = torch.zeros(batch, heads, dtype=torch.long, device=self.device)
-        self.context_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
-        self.offsets = torch.zeros(batch, dtype=torch.long, device=self.device)
-        if self.quantizer is not None:
-            self.body = new_body(self.quantizer, batch, heads, self.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Store the new tokens of every head and return the padded view for attention."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        batch, heads, q_len, _ = key_states.shape
-        self.keys = ragged.append(self.keys, self.lengths, key_states)
-        self.values = ragged.append(self.values, self.lengths, value_states)
-        if self.slots is not None:
-            new_slots = torch.arange(self.seen, self.seen + q_len, dtype=torch.int32, device=self.device)
-            self.slots = ragged.append(self.slots, self.lengths, new_slots.expand(batch, heads, q_len))
-        if self.scores is not None:
-            self.scores = ragged.append(self.scores, self.lengths, self.scores.new_zeros(batch, heads, q_len))
-        self.lengths = self.lengths + q_len
-        self.seen += q_len
-        view = self.view()
-        # the attention hook finds the layer through the returned tensor: the model passes nothing else
-        view.keys.kvsqueeze_view = view
-        return view.keys, view.values
-
-    def _body_lengths(self) -> torch.Tensor:
-        return torch.zeros_like(self.lengths) if self.body is None else self.body.lengths
-
-    def held_lengths(self) -> torch.Tensor:
-        """``[B, Hkv]`` tokens each head holds, quantized ones included."""
-        return self.lengths + self._body_lengths()
-
-    def _with_body(self, recent: torch.Tensor, name: str) -> torch.Tensor:
-        """Per head, the quantized body's ``name`` entries then the recent window's: packed."""
-        if self.body is None or self.body.empty:
-            return recent
-        return ragged.concat(self.body.field(name).to(recent.dtype), self.body.lengths, recent, self.lengths)
-
-    def view(self) -> LayerView:
-        """The padded ``[B, Hkv, L, D]`` view of what this layer holds (quantized tokens first)."""
-        lengths = self.held_lengths()
-        if self.slots is None:
-            slots = torch.arange(self.seen, device=self.device).expand(*self.lengths.shape, self.seen)
-        else:
-            slots = ragged.pad(self._with_body(self.slots, "slots"), lengths, fill=-1).long()
-        scores = None if self.scores is None else ragged.pad(self._with_body(self.scores, "scores"), lengths)
-        if self.body is not None and not self.body.empty:
-            older_keys, older_values = self.body.dequantized()
-            keys = ragged.concat(older_keys.to(self.dtype), self.body.lengths, self.keys, self.lengths)
-            values = ragged.concat(older_values.to(self.dtype), self.body.lengths, self.values, self.lengths)
-        else:
-            keys, values = self.keys.to(self.dtype), self.values.to(self.dtype)
-        return LayerView(
-            layer=self,
-            keys=ragged.pad(keys, lengths),
-            values=ragged.pad(values, lengths),
-            slots=slots,
-            scores=scores,
-            body_lengths=self._body_lengths(),
-            is_prefix=self.slots is None,
-        )
-
-    def keep(
-        self,
-        view: LayerView,
-        keep: torch.Tensor,
-        scores: torch.Tensor | None,
-        demote: torch.Tensor | None = None,
-    ) -> None:
-        """Replace storage by the ``keep [B, Hkv, L]`` subset of ``view`` (and new scorer state).
-
-        Quantized tokens keep their codes (no re-quantization); recent ones are copied back.
-        ``demote [B, Hkv, L]`` (a demoting quantizer, ``mixed``) marks tokens to store in its
-        low-bit tier instead of dropping; tokens already there stay.
-        """
-        moving = None
-        if demote is not None:
-            keep, moving = self._demotions(view, keep, demote, scores)
-        in_body = torch.arange(keep.shape[-1], device=keep.device) < view.body_lengths[..., None]
-        recent = (view.slots >= 0) & ~in_body
-        evicted = not bool((keep == (view.slots >= 0)).all())
-        if self.body is not None and not self.body.empty:
-            if scores is not None:
-                self.body.set_field("scores", scores[in_body].float())
-            if evicted:
-                if self.slots is None:
-                    self.body.set_field("slots", view.slots[in_body].to(torch.int32))
-                self.body.keep(keep[in_body])
-        if not evicted:
-            self.scores = None if scores is None else scores[recent].float()
-            return
-        kept = keep & recent
-        self.keys = view.keys[kept].to(self.keys.dtype)
-        self.values = view.values[kept].to(self.values.dtype)
-        self.slots = view.slots[kept].to(torch.int32)
-        self.scores = None if scores is None else scores[kept].float()
-        self.lengths = kept.sum(-1)
-        if moving is not None:
-            self.body.demote(*moving)
-
-    def _demotions(
-        self, view: LayerView, keep: torch.Tensor, demote: torch.Tensor, scores: torch.Tensor | None
-    ) -> tuple[torch.Tensor, tuple | None]:
-        """The keep mask plus the low tier's tokens and the demoted ones' keys, values, fields
-        and counts per head (None if nothing new is demoted)."""
-        in_low = torch.arange(keep.shape[-1], device=keep.device) < self.body.low.lengths[..., None]
-        demote = demote & ~keep & ~in_low
-        if not bool(demote.any()):
-            return keep | in_low, None
-        fields = {"slots": view.slots[demote].to(torch.int32)}
-        if scores is not None:
-            fields["scores"] = scores[demote].float()
-        moving = (view.keys[demote].float(), view.values[demote].float(), fields, demote.sum(-1))
-        return keep | in_low, moving
-
-    def settle(self) -> None:
-        """Quantize, ``group_size`` at a time, the oldest tokens beyond each head's recent window."""
-        if self.body is None:
-            return
-        group, window = self.body.quantizer.group_size, self.body.quantizer.residual
-        moving_counts = (self.lengths - window).clamp(min=0) // group * group
-        if not bool(moving_counts.any()):
-            return
-        longest = int(self.lengths.max())
-        moving = ragged.occupancy(moving_counts, longest)
-        staying = ragged.occupancy(self.lengths, longest) & ~moving
-        fields = {name: ragged.pad(t, self.lengths) for name, t in self.token_tensors().items()}
-        extra = {name: fields[name][moving] for name in ("slots", "scores") if name in fields}
-        self.body.append(
-            fields["keys"][moving].float(), fields["values"][moving].float(), extra, moving_counts
-        )
-        for name, padded in fields.items():
-            setattr(self, name, padded[staying])
-        self.lengths = self.lengths - moving_counts
-
-    def token_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-token tensors of the recent (unquantized) part, by name."""
-        return {name: getattr(self, name) for name in self.TOKEN_FIELDS if getattr(self, name) is not None}
-
-    def nbytes(self, kv_dtype: torch.dtype | None = None) -> int:
-        """Bytes held at rest by this layer (keys, values, slots, scorer state, lengths); with
-        ``kv_dtype``, keys and values held in the model's dtype count at ``kv_dtype``'s size."""
-        if not self.is_initialized:
-            return 0
-        total = 0
-        for name, t in self.tensors().items():
-            resized = kv_dtype is not None and name in ("keys", "values") and t.dtype == self.dtype
-            total += t.numel() * (kv_dtype.itemsize if resized else t.element_size())
-        return total
-
-    def tokens_kept(self) -> int:
-        return 0 if not self.is_initialized else int(self.held_lengths().sum())
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``tokens_to_remove`` slots as if they had never been fed: their tokens
-        leave storage and ``seen`` rewinds, so the next token takes the first forgotten slot.
-
-        With a quantizer, earlier tokens that the forgotten ones pushed out of the 16-bit recent
-        window stay quantized."""
-        if not self.is_initialized or tokens_to_remove <= 0:
-            return
-        length = self.seen - tokens_to_remove
-        implied = self.slots is None
-        view = self.view()
-        self.keep(view, (view.slots >= 0) & (view.slots < length), view.scores)
-        self.seen = length
-        if implied and (self.body is None or self.body.empty):
-            self.slots = None  # every head still holds slots 0..length-1
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.__init__(self.cache)
-
-    def _select_batch(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (any order, repeats allowed) of every stored tensor."""
-        if not self.is_initialized:
-            return
-        index = index.to(self.device)
-        for name, packed in self.token_tensors().items():
-            setattr(self, name, ragged.select_rows(packed, self.lengths, index))
-        for name in self.ROW_FIELDS:
-            setattr(self, name, getattr(self, name)[index])
-        if self.body is not None:
-            self.body.select_rows(index)
-
-    TOKEN_FIELDS = ("keys", "values", "slots", "scores")
-    ROW_FIELDS = ("lengths", "context_seen", "offsets")
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor this layer holds, by name (what ``nbytes`` counts and a store saves)."""
-        names = self.TOKEN_FIELDS + self.ROW_FIELDS
-        named = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        if self.body is not None:
-            named.update({f"body.{name}": t for name, t in self.body.tensors().items()})
-        return named
-
-    def load(self, tensors: dict[str, torch.Tensor], seen: int, dtype: torch.dtype) -> None:
-        """Restore what ``tensors()`` returned, the true length ``seen`` and the model's dtype."""
-        for name in self.TOKEN_FIELDS + self.ROW_FIELDS:
-            setattr(self, name, tensors.get(name))
-        body = with_prefix(tensors, "body.")
-        if body and self.quantizer is None:
-            raise ValueError("quantized tensors found, but the recipe has no quantizer")
-        self.body = body_from_tensors(self.quantizer, body) if body else None
-        self.dtype, self.device = dtype, self.keys.device
-        self.seen = seen
-        self.is_initialized = True
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` if the stored tensors do not describe a consistent layer."""
-        total = int(self.lengths.sum())
-        for name, packed in self.token_tensors().items():
-            if packed.shape[0] != total:
-                raise ValueError(f"{name} holds {packed.shape[0]} tokens, lengths say {total}")
-        if self.body is not None:
-            self.body.validate()
-            if not self.body.empty and (self.body.field("slots") is not None) != (self.slots is not None):
-                raise ValueError("quantized and recent tokens disagree on whether slots are stored")
-        if self.slots is None and bool((self.held_lengths() != self.seen).any()):
-            raise ValueError("a layer without stored slots must hold every token it has seen")
-        if self.slots is not None and total and int(self.slots.max()) >= self.seen:
-            raise ValueError("a stored slot lies beyond the layer's length")
-
-    def ensure_slots(self) -> None:
-        """Store the implied slots (``0..seen-1`` per head) explicitly, before rows are shifted."""
-        if self.slots is not None:
-            return
-        rows = self.lengths.numel()
-        quantized = int(self._body_lengths().flatten()[0]) if rows else 0
-        if self.body is not None and not self.body.empty:
-            implied = torch.arange(quantized, dtype=torch.int32, device=self.device).repeat(rows)
-            self.body.set_field("slots", implied)
-        self.slots = torch.arange(quantized, self.seen, dtype=torch.int32, device=self.device).repeat(rows)
-
-    def shift_rows(self, shift: int) -> None:
-        """Move every slot by ``shift`` (and ``seen``, ``offsets``): the gap holds nothing."""
-        if not shift:
-            return
-        self.ensure_slots()
-        self.slots = self.slots + shift
-        if self.body is not None and self.body.field("slots") is not None:
-            self.body.set_field("slots", self.body.field("slots") + shift)
-        self.offsets = self.offsets + shift
-        self.seen += shift
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            rows = torch.arange(self.lengths.shape[0], device=self.device)
-            self._select_batch(rows.repeat_interleave(repeats))
+WINDOW_LAYERS = ("keep", "compress")
+"""What a recipe does to sliding-window layers: keep them as transformers does, or compress them."""
 
 
 class CompressedCache(Cache):
     """KV cache that compresses the context with a ``Recipe`` as it is prefilled.
 
-    Every forward pass of more than one token (a prefill chunk) is compressed layer by layer right
-    after its attention, so peak KV memory is the budget plus one chunk. Single-token decode steps
-    are stored as they come. ``settings(...)`` changes that behaviour for a block of code.
+    Every forward pass of more than one token (a prefill chunk) is compressed when it ends, so
+    peak KV memory is the budget plus one chunk. Single-token decode steps are stored as they
+    come. ``settings(...)`` changes that behaviour for a block of code.
 
     Parameters
     ----------
     recipe : what to keep (``Recipe.parse("snapkv@0.75")``); None or ``full`` keeps everything.
+    config : the model's config; tells which layers are sliding-window layers. Without it, the
+        hooks of ``kvsqueeze.attention.install`` pass it at the first forward.
+    block_size : tokens per block of the model's-dtype (or 16-bit) storage; a quantizer's blocks
+        hold ``group_size`` tokens (the 16-bit blocks then divide it: ``gcd(block_size, group_size)``).
+    window_layers : ``"keep"`` (default) stores sliding-window layers as transformers does, their
+        last ``window - 1`` tokens, uncompressed; ``"compress"`` applies the recipe to them too.
     """
 
-    def __init__(self, recipe: Recipe | None = None):
-        super().__init__(layer_class_to_replicate=partial(CompressedLayer, cache=self))
+    def __init__(
+        self,
+        recipe: Recipe | None = None,
+        config=None,
+        block_size: int = 16,
+        window_layers: str = "keep",
+    ):
+        super().__init__(layers=[])
+        if window_layers not in WINDOW_LAYERS:
+            raise ValueError(f"window_layers must be one of {WINDOW_LAYERS}, got {window_layers!r}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.recipe = recipe
+        self.block_size = block_size
+        self.window_layers = window_layers
+        self.config = None
+        self.windows: list[int | None] = []
+        self.record_past = False
         self.compress_prefill = True
         self.protect_from: int | None = None
         self.quantize_now = True
-        self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
+        self.context_tokens: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+        self.observations: dict[int, Observation] = {}
         self.budget_state: dict = {}
         self.unit_ids: torch.Tensor | None = None
+        self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
+        if config is not None:
+            self.configure(config)
 
+    # ---- model structure ----------------------------------------------------------------------
+    def configure(self, config) -> None:
+        """Learn from the model's config which layers slide over a window (once)."""
+        if self.config is not None:
+            return
+        self.config = config
+        self.windows = layer_windows(config)
+        for index, layer in enumerate(self.layers):
+            layer.window = self.windows[index]
+
+    def recipe_for(self, layer: PagedLayer) -> Recipe | None:
+        """The recipe ``layer`` is compressed with: None for a kept sliding-window layer."""
+        if layer.is_sliding and self.window_layers == "keep":
+            return None
+        return self.recipe
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            index = len(self.layers)
+            layer = PagedLayer(self, self.windows[index] if index < len(self.windows) else None)
+            layer.record_past = self.record_past
+            self.layers.append(layer)
+        if self.context_tokens is None:
+            batch, device = key_states.shape[0], key_states.device
+            self.context_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+            self.offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def activate_past_recording(self) -> None:
+        """Sliding-window layers keep what slides out of their window until ``crop`` (assisted
+        decoding rolls back), including layers the first forward creates."""
+        self.record_past = True
+        for layer in self.layers:
+            layer.activate_past_recording()
+
+    # ---- compression --------------------------------------------------------------------------
     @contextmanager
     def settings(
         self,
@@ -381,7 +131,7 @@ class CompressedCache(Cache):
 
         Protected tokens (e.g. the question in query-aware mode) are always kept and are not
         counted in the budget. Holding quantization lets a later pass evict before anything is
-        quantized, so no group is thinned after it got its scales (KVzip's reconstruction).
+        quantized, so no block loses tokens after it got its scales.
         """
         saved = (self.compress_prefill, self.protect_from, self.quantize_now)
         if compress_prefill is not None:
@@ -395,8 +145,26 @@ class CompressedCache(Cache):
         finally:
             self.compress_prefill, self.protect_from, self.quantize_now = saved
 
+    def compresses(self, layer: PagedLayer, query_length: int) -> bool:
+        """Whether a forward of ``query_length`` new tokens is compressed in ``layer``."""
+        recipe = self.recipe_for(layer)
+        return query_length > 1 and self.compress_prefill and recipe is not None and recipe.evicts
+
+    def observe(self, layer: PagedLayer, observation: Observation) -> None:
+        """Record what ``layer``'s attention saw during the current forward (for ``compress``)."""
+        self.observations[self.layers.index(layer)] = observation
+
+    def end_forward(self) -> None:
+        """After a forward: compress what it observed, let sliding layers drop what slid out of
+        their window, and quantize full blocks (unless held)."""
+        if self.observations:
+            compress(self)
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.after_forward(self.quantize_now)
+
     def settle(self) -> None:
-        """Quantize in every layer what a quantizer moves out of the 16-bit recent window."""
+        """Quantize in every layer the full blocks a quantizer moves out of the 16-bit window."""
         for layer in self.layers:
             if layer.is_initialized:
                 layer.settle()
@@ -417,102 +185,121 @@ class CompressedCache(Cache):
         return torch.where(inside, looked_up, slots)
 
     def count_context(self, tokens: torch.Tensor) -> None:
-        """Add ``tokens [B]`` context tokens per row to every layer's budget base.
+        """Add ``tokens [B]`` context tokens per row to the budget base.
 
-        A compression step counts only the unprotected tokens of its own chunk; context fed with
+        A compression step counts the unprotected tokens of its own forward; context fed with
         compression off and compressed later (KVzip's reconstruction pass) is counted here.
         """
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.context_seen = layer.context_seen + tokens.to(layer.device)
+        self.context_tokens = self.context_tokens + tokens.to(self.context_tokens.device)
 
-    def compresses(self, query_length: int) -> bool:
-        """Whether a forward of ``query_length`` new tokens is compressed."""
-        recipe = self.recipe
-        return query_length > 1 and self.compress_prefill and recipe is not None and recipe.evicts
-
-    def rope_inv_freq(self, config, device: torch.device) -> torch.Tensor | None:
+    def rope_inv_freq(self, device: torch.device) -> torch.Tensor | None:
         """The model's RoPE inverse frequencies (computed once per device), for scorers."""
         if device not in self._rope_inv_freq:
-            inv_freq = rope_inverse_frequencies(config)
+            inv_freq = None if self.config is None else rope_inverse_frequencies(self.config)
             self._rope_inv_freq[device] = None if inv_freq is None else inv_freq.to(device)
         return self._rope_inv_freq[device]
 
+    # ---- what is held -------------------------------------------------------------------------
+    def _row_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.context_tokens, self.offsets) if t is not None]
+
     def nbytes(self, kv_dtype: torch.dtype | None = None) -> int:
-        """Bytes actually held by the tensors of every layer.
+        """Bytes held at rest: every block in use (keys, values, codes, scales, slots, scorer
+        state), the block tables and per-head counts, and the per-row counters.
 
         With ``kv_dtype`` (e.g. ``torch.float16``): the bytes this cache would hold in a model
         running in that dtype — unquantized keys and values at its size; codes, scales, the
         16-bit recent window of a quantizer and slot indices unchanged. Compare with
         ``nbytes_full(kv_dtype)`` for the reduction a 16-bit deployment would see.
         """
-        return sum(layer.nbytes(kv_dtype) for layer in self.layers)
+        rows = sum(t.numel() * t.element_size() for t in self._row_tensors())
+        return rows + sum(layer.nbytes(kv_dtype) for layer in self.layers)
+
+    def nbytes_reserved(self) -> int:
+        """Bytes of free blocks the pools hold beyond ``nbytes`` (pool slack, reported apart)."""
+        return sum(layer.nbytes_reserved() for layer in self.layers)
 
     def nbytes_full(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes an uncompressed cache would hold for the same tokens (keys + values only).
-
-        ``dtype`` defaults to the dtype of the stored keys; pass ``torch.float16`` for the 16-bit
-        reference used by the papers.
-        """
+        """Bytes transformers' default cache (``DynamicCache(config=...)``) would hold for the same
+        tokens: keys + values of every token fed, a sliding-window layer only its last
+        ``window - 1``. ``dtype`` defaults to the model's; ``torch.float16`` gives the 16-bit
+        reference the papers use."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
-                batch, heads = layer.lengths.shape
-                size = (dtype or layer.dtype).itemsize
-                dims = layer.keys.shape[-1] + layer.values.shape[-1]
-                total += batch * heads * layer.seen * dims * size
+                batch, heads = layer.dense.count.shape
+                held = layer.seen if layer.window is None else min(layer.seen, layer.window - 1)
+                fields = layer.dense.pool.fields
+                dims = fields["keys"].shape[-1] + fields["values"].shape[-1]
+                total += batch * heads * held * dims * (dtype or layer.dtype).itemsize
         return total
 
     def tokens_kept(self) -> int:
         """Stored (batch, layer, head, token) entries, summed."""
         return sum(layer.tokens_kept() for layer in self.layers)
 
+    def held_tokens(self, row: int) -> int:
+        """Stored (layer, head, token) entries of batch row ``row``."""
+        return sum(int(layer.held_lengths()[row].sum()) for layer in self.layers if layer.is_initialized)
+
+    def append_blocks(self, row: int) -> int:
+        """Blocks batch row ``row`` allocates if one more token is appended (heads whose last
+        block is full), summed over layers."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                total += int((layer.dense.count[row] % layer.dense.block_size == 0).sum())
+        return total
+
     @property
     def kv_dtype(self) -> torch.dtype | None:
         return next((layer.dtype for layer in self.layers if layer.is_initialized), None)
 
-    @classmethod
-    def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
-        """One batch made of the rows of ``caches`` (same recipe, same model), ends aligned.
-
-        A row that has seen fewer tokens than the longest is shifted right, as left padding
-        would: its slots and ``offsets`` grow by the difference, nothing is stored for the gap.
-        Pass position ids per row and a 2D mask whose first ``offsets[row]`` columns are 0.
-        """
-        recipes = {str(cache.recipe) for cache in caches}
-        if len(recipes) > 1:
-            raise ValueError(f"cannot stack caches made with different recipes: {sorted(recipes)}")
-        stacked = cls(caches[0].recipe)
-        for layers in zip(*(cache.layers for cache in caches), strict=True):
-            stacked.layers.append(_stack_layers(stacked, list(layers)))
-        return stacked
-
-    def split(self) -> list[CompressedCache]:
-        """The inverse of ``stack``: one single-row cache per batch row, offsets removed."""
-        batch = self.layers[0].lengths.shape[0]
-        rows = [type(self)(self.recipe) for _ in range(batch)]
+    # ---- rows: select, save, stack, split -----------------------------------------------------
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (any order, repeats allowed) of every layer and row counter."""
         for layer in self.layers:
-            for row, cache in enumerate(rows):
-                single = CompressedLayer(cache)
-                single.load(layer.tensors(), layer.seen, layer.dtype)
-                single._select_batch(torch.tensor([row]))
-                single.shift_rows(-int(single.offsets[0]))
-                cache.layers.append(single)
-        return rows
+            layer.select_rows(index)
+        if self.offsets is not None:
+            index = index.to(self.offsets.device)
+            self.offsets, self.context_tokens = self.offsets[index], self.context_tokens[index]
+        if self.unit_ids is not None:
+            self.unit_ids = self.unit_ids[index.to(self.unit_ids.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.offsets is not None:
+            rows = torch.arange(self.offsets.shape[0], device=self.offsets.device)
+            self.select_rows(rows.repeat_interleave(repeats))
+
+    def _clone_empty(self) -> CompressedCache:
+        twin = type(self)(self.recipe, block_size=self.block_size, window_layers=self.window_layers)
+        twin.config, twin.windows = self.config, list(self.windows)
+        return twin
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Named tensors (``"<layer>.<field>"``) and JSON-able metadata to rebuild this cache.
+        """Named tensors (``"<layer>.<tier>.<field>"``, ``rows.*``) and JSON-able metadata to
+        rebuild this cache with ``from_state_dict``; only blocks in use are saved.
 
-        ``budget_state`` is not saved (nor stacked): budgets only keep state within one forward
-        (CAKE starts over at layer 0 of every compressed forward, DuoAttention reloads its profile).
+        ``budget_state`` is not saved (nor stacked): budgets only keep state within one step.
         """
         tensors = {
-            f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.tensors().items()
+            f"{i}.{name}": t for i, layer in enumerate(self.layers) for name, t in layer.export().items()
         }
+        tensors["rows.context_tokens"], tensors["rows.offsets"] = self.context_tokens, self.offsets
         meta = {
             "recipe": str(self.recipe or "full"),
             "seen": [layer.seen for layer in self.layers],
+            "explicit_slots": [layer.explicit_slots for layer in self.layers],
+            "windows": [layer.window for layer in self.layers],
             "dtype": str(self.kv_dtype).removeprefix("torch."),
+            "block_size": self.block_size,
+            "window_layers": self.window_layers,
         }
         return tensors, meta
 
@@ -521,37 +308,78 @@ class CompressedCache(Cache):
         """Rebuild a cache saved with ``state_dict`` (raises ``ValueError`` if inconsistent)."""
         from kvsqueeze.recipe import Recipe
 
-        cache = cls(Recipe.parse(meta["recipe"]))
+        cache = cls(
+            Recipe.parse(meta["recipe"]),
+            block_size=meta.get("block_size", 16),
+            window_layers=meta.get("window_layers", "keep"),
+        )
         dtype = getattr(torch, meta["dtype"])
+        cache.windows = list(meta.get("windows") or [None] * len(meta["seen"]))
+        cache.context_tokens, cache.offsets = tensors["rows.context_tokens"], tensors["rows.offsets"]
+        explicit = meta.get("explicit_slots") or [False] * len(meta["seen"])
         for index, seen in enumerate(meta["seen"]):
             prefix = f"{index}."
             fields = {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
-            layer = CompressedLayer(cache)
-            layer.load(fields, seen, dtype)
+            layer = PagedLayer(cache, cache.windows[index])
+            layer.load(fields, seen, dtype, explicit[index])
             layer.validate()
             cache.layers.append(layer)
         return cache
 
+    @classmethod
+    def stack(cls, caches: list[CompressedCache]) -> CompressedCache:
+        """One batch made of the rows of ``caches`` (same recipe, same model), ends aligned.
 
-def _stack_layers(cache: CompressedCache, layers: list[CompressedLayer]) -> CompressedLayer:
-    """Rows of ``layers`` one after another, shifted so that they all end at the same slot.
+        A row that has seen fewer tokens than the longest is shifted right, as left padding
+        would: its slots and ``offsets`` grow by the difference, nothing is stored for the gap.
+        Pass position ids per row and a 2D mask whose first ``offsets[row]`` columns are 0.
+        Blocks are copied into the new cache's pools.
+        """
+        recipes = {str(cache.recipe) for cache in caches}
+        if len(recipes) > 1:
+            raise ValueError(f"cannot stack caches made with different recipes: {sorted(recipes)}")
+        stacked = caches[0]._clone_empty()
+        seen = max(cache.get_seq_length() for cache in caches)
+        shifts = [seen - cache.get_seq_length() for cache in caches]
+        for layers in zip(*(cache.layers for cache in caches), strict=True):
+            explicit = any(layer.explicit_slots for layer in layers)
+            exports = []
+            for layer, shift in zip(layers, shifts, strict=True):
+                if explicit:
+                    layer.make_slots_explicit()
+                exports.append(layer.export())
+                if explicit and shift:
+                    shift_slots(exports[-1], shift)
+            layer = PagedLayer(stacked, layers[0].window)
+            layer.load(concat_layer_exports(exports), seen, layers[0].dtype, explicit)
+            stacked.layers.append(layer)
+        stacked.offsets = torch.cat(
+            [cache.offsets + shift for cache, shift in zip(caches, shifts, strict=True)]
+        )
+        stacked.context_tokens = torch.cat([cache.context_tokens for cache in caches])
+        return stacked
 
-    Shifting stores the implied slots of the source layers (``ensure_slots``).
-    """
-    seen = max(layer.seen for layer in layers)
-    if any(layer.seen != seen or layer.slots is not None for layer in layers):
-        for layer in layers:
-            layer.ensure_slots()
-    named = []
-    for layer in layers:
-        tensors = layer.tensors()
-        shift = seen - layer.seen
-        for name in tensors:
-            if shift and (name in ("slots", "offsets") or name.endswith("token.slots")):
-                tensors[name] = tensors[name] + shift
-        named.append(tensors)
-    if len({frozenset(tensors) for tensors in named}) > 1:
-        raise ValueError("cannot stack layers that hold different tensors (different scorer state?)")
-    stacked = CompressedLayer(cache)
-    stacked.load({name: torch.cat([t[name] for t in named]) for name in named[0]}, seen, layers[0].dtype)
-    return stacked
+    def split(self) -> list[CompressedCache]:
+        """The inverse of ``stack``: one single-row cache per batch row, offsets removed."""
+        rows = []
+        for row in range(self.offsets.shape[0]):
+            single = self._clone_empty()
+            shift = int(self.offsets[row])
+            for layer in self.layers:
+                exported = layer.export(rows=torch.tensor([row], device=self.offsets.device))
+                if layer.explicit_slots and shift:
+                    shift_slots(exported, -shift)
+                copy = PagedLayer(single, layer.window)
+                copy.load(exported, layer.seen - shift, layer.dtype, layer.explicit_slots)
+                single.layers.append(copy)
+            single.offsets = torch.zeros_like(self.offsets[row : row + 1])
+            single.context_tokens = self.context_tokens[row : row + 1].clone()
+            rows.append(single)
+        return rows
+
+
+def shift_slots(exported: dict[str, torch.Tensor], shift: int) -> None:
+    """Add ``shift`` to the stored slots of an exported layer (in place)."""
+    for key in exported:
+        if key.endswith(".token.slots"):
+            exported[key] = torch.where(exported[key] >= 0, exported[key] + shift, exported[key])

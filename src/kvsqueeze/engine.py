@@ -20,11 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.models import chat_prompt, max_context_length
+from kvsqueeze.prefill import ContextTooLongError, left_pad, positions_from_mask, prefill
 from kvsqueeze.recipe import Recipe
-
-
-class ContextTooLongError(ValueError):
-    """The prompt plus the tokens to generate exceed what the model supports."""
 
 
 @dataclass
@@ -60,56 +57,6 @@ def split_prompt(tokenizer: PreTrainedTokenizerBase, context: str, question: str
     return text[:cut], text[cut:]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """RoPE positions as ``generate`` derives them: count of real tokens before, pads at 1."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-@torch.no_grad()
-def prefill(
-    model: PreTrainedModel,
-    cache: CompressedCache,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Feed ``ids [B, n]`` (``mask`` covers every token fed so far plus these) in chunks.
-
-    Returns the logits of the last position ``[B, vocab]``.
-    """
-    past = cache.get_seq_length()
-    positions = positions_from_mask(mask)[:, past:]
-    step = chunk_size or ids.shape[1]
-    logits = None
-    for start in range(0, ids.shape[1], step):
-        stop = min(start + step, ids.shape[1])
-        out = model(
-            input_ids=ids[:, start:stop],
-            attention_mask=mask[:, : past + stop],
-            position_ids=positions[:, start:stop],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1]
-    return logits
-
-
-REPEAT_REQUEST = "Repeat the previous context exactly."
-"""What KVzip's reconstruction pass asks for before the copy of the context."""
-
-
 def prefill_context(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -118,68 +65,23 @@ def prefill_context(
     mask: torch.Tensor,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Prefill the context ``ids [B, n]`` compressed by the cache's recipe.
+    """Prefill the context ``ids [B, n]`` compressed by the cache's recipe, the way its
+    ``PrefillStrategy`` feeds a context (chunk by chunk; KVzip: a reconstruction pass).
 
-    Most recipes compress chunk by chunk as the context is fed (``prefill``). A recipe whose
-    scorer reconstructs (KVzip) gets the context whole, uncompressed, then one more pass: a repeat
-    request and a copy of each row's context, teacher-forced (``tokenizer`` frames the request).
-    That pass is compressed with the copy protected, then the copy is cropped off the cache, so
-    the cache afterwards holds context tokens only and the next token follows the context. A
-    quantizer quantizes what is kept only then.
-
-    A recipe with a unit (``words``) gets each context token's unit from ``tokenizer`` first.
-    The context must be the first thing the cache is fed.
-
+    ``tokenizer`` is needed by recipes that read the context's tokens (a unit such as
+    ``words``, a reconstruction pass). The context must be the first thing the cache is fed.
     Returns the logits of the last context position ``[B, vocab]``.
     """
-    recipe = cache.recipe
-    if recipe is None or not recipe.evicts:
+    if cache.recipe is None:
         return prefill(model, cache, ids, mask, chunk_size)
-    if tokenizer is None and (recipe.unit is not None or recipe.reconstructs):
-        raise ValueError(f"{recipe} reads the context's tokens: pass the tokenizer")
-    real = mask[:, -ids.shape[1] :]
-    if recipe.unit is not None:
-        cache.set_units(recipe.unit.unit_ids(tokenizer, ids, real))
-    if not recipe.reconstructs:
-        return prefill(model, cache, ids, mask, chunk_size)
-    request, header = repeat_request(tokenizer)
-    rows = []
-    for row_ids, row_mask in zip(ids.tolist(), real.tolist(), strict=True):
-        row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
-        rows.append(request + (row[len(header) :] if row[: len(header)] == header else row))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    copy_ids, copy_mask = (t.to(ids.device) for t in _left_pad(rows, pad_id))
-    needed, limit = mask.shape[1] + copy_ids.shape[1], max_context_length(model, tokenizer)
-    if needed > limit:
-        raise ContextTooLongError(
-            f"{recipe.scorer.name} compresses a context by feeding it twice: this one needs {needed} "
-            f"tokens but the model supports {limit}; shorten the context to less than half of that"
-        )
-    with cache.settings(compress_prefill=False, quantize_now=False):
-        logits = prefill(model, cache, ids, mask, chunk_size)
-    context_length = cache.get_seq_length()
-    cache.count_context(mask.sum(-1))
-    with cache.settings(protect_from=context_length, quantize_now=False):
-        prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
-    cache.crop(copy_ids.shape[1])
-    cache.settle()
-    return logits
-
-
-def repeat_request(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """Token ids of the repeat request (ending the user's turn, opening the answer) and of the
-    chat header that precedes a context (not copied: the copy is the user's text)."""
-    marker = "<<context>>"
-    header, turn_end = chat_prompt(tokenizer, marker).split(marker)
-    request = tokenizer.encode(f"\n\n{REPEAT_REQUEST}{turn_end}", add_special_tokens=False)
-    return request, tokenizer.encode(header, add_special_tokens=False)
+    return cache.recipe.prefill_strategy(tokenizer).prefill(model, cache, ids, mask, chunk_size)
 
 
 def _footprint(cache: CompressedCache) -> dict:
     """What the cache holds now: the byte and token fields of ``GenerationResult``."""
     kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
     return dict(
-        tokens_kept=cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].lengths.numel(), 1),
+        tokens_kept=cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].held_lengths().numel(), 1),
         kv_bytes=kv_bytes,
         kv_bytes_full=kv_bytes_full,
         kv_bytes_16bit=cache.nbytes(torch.float16),
@@ -292,13 +194,13 @@ def generate_batch(
     question_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in splits]
     _check_length(model, tokenizer, context_rows, question_rows, max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context_ids, context_mask = (t.to(device) for t in _left_pad(context_rows, pad_id))
-    question_ids, question_mask = (t.to(device) for t in _left_pad(question_rows, pad_id))
+    context_ids, context_mask = (t.to(device) for t in left_pad(context_rows, pad_id))
+    question_ids, question_mask = (t.to(device) for t in left_pad(question_rows, pad_id))
     mask = torch.cat([context_mask, question_mask], dim=1)
 
-    cache = CompressedCache(recipe)
+    cache = CompressedCache(recipe, config=model.config)
     start = time.perf_counter()
-    if query_aware and not recipe.reconstructs:
+    if query_aware and recipe.prefill_strategy().sees_question:
         with cache.settings(protect_from=context_ids.shape[1]):
             ids = torch.cat([context_ids, question_ids], dim=1)
             logits = prefill_context(model, tokenizer, cache, ids, mask, chunk_size)
@@ -388,10 +290,10 @@ def generate_multiturn(
     eos = eos_ids(model, tokenizer)
     mode = "query-aware" if query_aware else "query-agnostic"
 
-    shared = CompressedCache(recipe)
+    shared = CompressedCache(recipe, config=model.config)
     start = time.perf_counter()
     first_logits = None
-    sees_question = query_aware and not recipe.reconstructs
+    sees_question = query_aware and recipe.prefill_strategy().sees_question
     if sees_question:
         ids = torch.cat([context_ids, torch.tensor([question_rows[0]], device=device)], dim=1)
         with shared.settings(protect_from=len(context_row)):
@@ -408,7 +310,7 @@ def generate_multiturn(
             logits = first_logits
         else:
             if sees_question:
-                cache.crop(cache.get_seq_length() - len(context_row))
+                cache.crop(len(context_row) - cache.get_seq_length())
             ids = torch.tensor([question_row], device=device)
             mask = torch.ones((1, cache.get_seq_length() + ids.shape[1]), dtype=torch.long, device=device)
             with cache.settings(compress_prefill=False):
@@ -466,7 +368,7 @@ def continuation_logits(
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     install(model)
     device = model.device
-    cache = CompressedCache(recipe)
+    cache = CompressedCache(recipe, config=model.config)
     start = time.perf_counter()
     ids = torch.tensor([context_ids], device=device)
     first = prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids), chunk_size)

@@ -15,10 +15,12 @@ import re
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from kvsqueeze.budgets import BUDGETS
-from kvsqueeze.budgets.base import Budget
+from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
+from kvsqueeze.prefill import ChunkedPrefill, PrefillStrategy, ReconstructionPrefill
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.scorers import SCORERS
@@ -71,17 +73,6 @@ class Recipe:
         if self.unit is not None and self.scorer is None:
             name = self.unit.name
             raise RecipeError(f"{name} groups what a scorer keeps; add a scorer, e.g. kvzip+{name}@0.75")
-        if self.budget is not None and self.budget.reads_later_layers and self.scorer.reconstructs:
-            raise RecipeError(
-                f"{self.scorer.name} compresses the whole context at once, but {self.budget.name} "
-                "shares the budget with layers still holding it uncompressed; use global, pyramid or adakv"
-            )
-        demoting = self.quantizer is not None and self.quantizer.demotes
-        if demoting and self.budget is not None and self.budget.retrims:
-            raise RecipeError(
-                f"{self.quantizer.name} keeps dropped tokens in low bits, but {self.budget.name} "
-                "re-trims earlier layers by count; use pyramid, adakv or duo with it"
-            )
 
     @property
     def evicts(self) -> bool:
@@ -140,15 +131,26 @@ class Recipe:
             raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {body}@0.5")
         return recipe
 
+    def observed_queries(self) -> int:
+        """How many of a compressed forward's last queries the attention function must record."""
+        components = (self.scorer, self.budget)
+        return max((c.observed_queries() for c in components if c is not None), default=0)
+
+    def prefill_strategy(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PrefillStrategy:
+        """How a context is fed to a cache of this recipe (``kvsqueeze.prefill``)."""
+        if self.reconstructs:
+            return ReconstructionPrefill(tokenizer)
+        return ChunkedPrefill(tokenizer)
+
     def keep_counts(self, context_tokens: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
         """Tokens each ``[B, Hkv]`` head keeps: protected ones plus ``(1 - ratio)`` of the context."""
         budget = torch.ceil((1.0 - self.ratio) * context_tokens.double()).long()
         return protected.sum(-1) + budget[:, None]
 
-    def select(
+    def rank(
         self, inputs: ScoringInputs, context_tokens: torch.Tensor, protected: torch.Tensor, state: dict
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keep mask ``[B, Hkv, L]`` and the scorer state to store (stateful scorers only).
+    ) -> LayerRanking:
+        """Rank one layer's candidates and set its per-head counts (before ``select``).
 
         ``context_tokens [B]`` counts the context tokens seen so far per row (the budget base);
         ``protected [B, Hkv, L]`` marks candidates that are always kept; ``state`` is the cache's
@@ -167,7 +169,13 @@ class Recipe:
         if self.budget is not None:
             ranking, counts = self.budget.allocate(ranking, inputs, counts, state)
         ranking = ranking.masked_fill(protected, math.inf)
-        return keep_mask(ranking, inputs.valid, counts), scorer_state
+        return LayerRanking(inputs.layer_idx, ranking, inputs.valid, protected, counts, scorer_state)
+
+    def select(self, layers: list[LayerRanking], state: dict) -> list[torch.Tensor]:
+        """Keep masks ``[B, Hkv, L]``, one per ranked layer, once the budget has seen them all."""
+        if self.budget is not None:
+            self.budget.across_layers(layers, state)
+        return [keep_mask(layer.ranking, layer.valid, layer.counts) for layer in layers]
 
 
 def split_recipes(text: str) -> list[str]:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-from kvsqueeze.budgets.base import Budget, protected_counts, ranking_by_slot, trim_layer, with_protection
+from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import option
 from kvsqueeze.scorers.base import ScoringInputs
-
-if TYPE_CHECKING:
-    from kvsqueeze.cache import CompressedLayer
 
 
 def layer_preference(inputs: ScoringInputs, window: int, tau1: float, tau2: float) -> torch.Tensor:
@@ -66,21 +61,14 @@ def water_fill(
 class CAKE(Budget):
     """Give each layer a share of the total cache proportional to its preference score.
 
-    During a prefill forward, layer ``m`` measures its preference ``P_m`` (``layer_preference``:
-    entropy and variance of the observation window's attention). The total ``T`` (uniform
-    per-head budget times the number of layers) is then shared among layers ``0..m`` in
-    proportion to ``P`` (capped by what each layer holds, at least ``min(window, budget)``
-    tokens per layer), and the layers before ``m`` are trimmed again to their new, smaller
-    share, with the per-token ranking they were selected with (kept for the forward, dropped
-    after the last layer). So the cache never holds more than ``T`` after a layer, and after
-    the last layer the allocation is the paper's ``B_l = P_l / sum(P) * T``. Every head of a
-    layer keeps the same count; protected tokens are kept on top.
-
-    Approximations: with chunked prefill, each chunk re-allocates from its own window, and the
-    layers not yet reached by the chunk hold what the previous chunk gave them (reserved out of
-    ``T``), so a layer trimmed early in a chunk cannot regrow if a later layer then frees room.
-    CAKE's own eviction indicator (mean + variance of window attention) is not part of this
-    budget: the recipe's scorer chooses the tokens.
+    While a compression step ranks layer ``m``, it measures the layer's preference ``P_m``
+    (``layer_preference``: entropy and variance of the observation window's attention). Once every
+    layer is ranked, the total ``T`` (the uniform per-head budget times the number of layers
+    compressed) is shared among them as the paper's ``B_l = P_l / sum(P) * T``, each layer capped
+    by what it holds and given at least ``min(window, budget)`` tokens (``water_fill``). Every head
+    of a layer keeps the same count; protected tokens are kept on top. With chunked prefill, each
+    chunk re-allocates from its own window. CAKE's own eviction indicator (mean + variance of
+    window attention) is not part of this budget: the recipe's scorer chooses the tokens.
 
     Parameters
     ----------
@@ -94,9 +82,6 @@ class CAKE(Budget):
         "arXiv:2503.12491"
     )
 
-    retrims = True
-    reads_later_layers = True
-
     window: int = option(32, minimum=1)
     # the preference raises entropies summed over heads and queries (thousands on real models) to
     # 1 / tau in float32: small taus overflow it and water_fill fails (0.05 does on a toy model);
@@ -104,47 +89,30 @@ class CAKE(Budget):
     tau1: float = option(1.0, minimum=0.2)
     tau2: float = option(1.0, minimum=0.2)
 
+    def observed_queries(self) -> int:
+        return self.window
+
     def allocate(
         self, ranking: torch.Tensor, inputs: ScoringInputs, counts: torch.Tensor, state: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs.layer_idx == 0 or "cake" not in state:
-            state["cake"] = {"prefs": {}, "caps": {}, "protected": {}, "ranks": {}}
-        run = state["cake"]
-        layer = inputs.layer_idx
-        protected = protected_counts(inputs)
-        candidates = inputs.valid.sum(-1)
-        run["budget"] = (counts - protected).clamp(min=0).amax(-1)  # [B] uniform per-head budget
-        run["layers"] = inputs.num_layers
-        run["prefs"][layer] = layer_preference(inputs, self.window, self.tau1, self.tau2)
-        run["caps"][layer] = (candidates - protected).amax(-1)
-        run["protected"][layer] = protected
-        run["ranks"][layer] = ranking_by_slot(with_protection(ranking, inputs), inputs.slots)
-        # keep every valid candidate for now; ``rebalance`` trims this layer with the earlier ones
-        return ranking, candidates
+        state.setdefault("cake", {})[inputs.layer_idx] = layer_preference(
+            inputs, self.window, self.tau1, self.tau2
+        )
+        return ranking, counts
 
-    def rebalance(self, layers: Sequence[CompressedLayer], layer_idx: int, state: dict) -> None:
-        run = state["cake"]
-        done = sorted(run["prefs"])
-        budget, num_layers = run["budget"], run["layers"]
-        # layers this forward has not reached yet hold what the previous chunk left them
-        later = range(layer_idx + 1, min(num_layers, len(layers)))
-        reserved = sum((_held(layers[i]) for i in later), torch.zeros_like(budget))
-        prefs = torch.stack([run["prefs"][i] for i in done], -1)
-        high = torch.stack([run["caps"][i] for i in done], -1)
-        low = torch.minimum(high, torch.minimum(budget, torch.full_like(budget, self.window))[:, None])
-        shares = water_fill(prefs, low, high, (num_layers * budget - reserved).clamp(min=0))
-        for column, index in enumerate(done):
-            limit = run["protected"][index] + shares[:, column, None]
-            if bool((_held(layers[index], per_head=True) > limit).any()):
-                trim_layer(layers[index], run["ranks"][index], limit)
-        run["shares"] = shares
-        if layer_idx == num_layers - 1:
-            run["ranks"].clear()  # rankings are only needed while the forward runs
-
-
-def _held(layer: CompressedLayer, per_head: bool = False) -> torch.Tensor:
-    """Tokens a layer holds: ``[B, Hkv]`` per head, or ``[B]`` (most in any head)."""
-    if not layer.is_initialized:
-        return torch.zeros((), dtype=torch.long)
-    held = layer.held_lengths()
-    return held if per_head else held.amax(-1)
+    def across_layers(self, layers: list[LayerRanking], state: dict) -> None:
+        preferences = state.pop("cake")
+        protected = [layer.protected_counts for layer in layers]
+        budgets = torch.stack(
+            [
+                (layer.counts - kept).clamp(min=0).amax(-1)
+                for layer, kept in zip(layers, protected, strict=True)
+            ],
+            -1,
+        )  # [B, layers]: each layer's uniform per-head budget
+        caps = torch.stack([(layer.valid & ~layer.protected).sum(-1).amax(-1) for layer in layers], -1)
+        prefs = torch.stack([preferences[layer.layer_idx] for layer in layers], -1)
+        floor = torch.clamp(budgets.amax(-1), max=self.window)
+        shares = water_fill(prefs, torch.minimum(caps, floor[:, None]), caps, budgets.sum(-1))
+        for column, (layer, kept) in enumerate(zip(layers, protected, strict=True)):
+            layer.counts = kept + shares[:, column, None]

@@ -1,10 +1,11 @@
-"""Quantizers store the older tokens of every head in packed low-bit form.
+"""Quantizers store the older tokens of every head in packed low-bit form, one block at a time.
 
-The cache keeps each head's most recent tokens (at least ``residual``) in 16-bit floats and
-moves older ones, ``group_size`` at a time, into a ``QuantizedBody`` (see
-``kvsqueeze.quantized_store``). A quantizer only encodes and decodes: it turns a block of tokens
-into named per-token tensors (codes, per-token scales) and per-group tensors (per-channel
-scales of a group of ``group_size`` consecutive tokens), and back.
+The cache keeps each head's most recent tokens (the open tail block plus at least ``residual``
+tokens) in 16-bit floats; a block of ``group_size`` tokens that has filled and has ``residual``
+newer tokens after it is encoded once into a quantized block (see ``kvsqueeze.storage``). A
+quantizer only encodes and decodes blocks: it turns ``G`` blocks of tokens into named per-token
+tensors (codes, per-token scales) and per-block tensors (per-channel scales of the block), and
+back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ RESIDUAL_DTYPE = torch.float16
 
 class Quantizer(Component):
     """Base class of packed KV quantizers. Subclasses are dataclasses with at least
-    ``group_size`` and ``residual`` options."""
+    ``group_size`` (tokens per block) and ``residual`` options."""
 
     kind = "quantizer"
     group_size: int = 32
@@ -27,14 +28,17 @@ class Quantizer(Component):
     demotes = False
     """True when tokens the scorer drops are kept in fewer bits instead (``mixed``)."""
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
-        """``keys``/``values`` ``[M, D]`` (M a multiple of ``group_size``; consecutive groups of
-        ``group_size`` rows belong to one head) -> ``(per_token, per_group)`` named tensors."""
+    def tiers(self) -> list[Quantizer]:
+        """The quantizers of the layer's quantized tiers: the demotion tier first, the tier full
+        blocks age into last (one tier for all but ``mixed``)."""
+        return [self]
+
+    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+        """``keys``/``values`` ``[G, group_size, D]`` (one block of one head each) ->
+        ``(per_token, per_block)``: named tensors ``[G, group_size, ...]`` and ``[G, ...]``."""
         raise NotImplementedError
 
-    def decode(
-        self, per_token: dict, per_group: dict, group_sizes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of ``encode`` for the tokens still held: ``group_sizes [G]`` says how many
-        tokens remain in each group (eviction removes rows). Returns float32 ``[N, D]`` x 2."""
+    def decode_blocks(self, per_token: dict, per_block: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of ``encode_blocks``: float32 keys and values ``[G, group_size, D]``. Entries of
+        a block that no longer hold a token (evicted) decode to whatever their codes say."""
         raise NotImplementedError

@@ -44,43 +44,40 @@ class GEAR(KIVI):
     def _outlier_count(self, dim: int) -> int:
         return min(math.ceil(self.outliers * dim), dim) if self.outliers > 0 else 0
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
-        filtered, per_token, per_group = {}, {}, {}
+    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+        filtered, per_token, per_block = {}, {}, {}
         for name, x in (("key", keys.float()), ("value", values.float())):
             count = self._outlier_count(x.shape[-1])
-            index = x.abs().topk(count, dim=-1).indices if count else x.new_zeros(x.shape[0], 0).long()
+            index = x.abs().topk(count, dim=-1).indices if count else x.new_zeros(*x.shape[:2], 0).long()
             per_token[f"{name}_outlier_values"] = x.gather(-1, index).to(SCALE_DTYPE)
             per_token[f"{name}_outlier_index"] = index.to(torch.uint8)
             filtered[name] = x.scatter(-1, index, 0.0)
-        codes, scales = super().encode(filtered["key"], filtered["value"])
+        codes, scales = super().encode_blocks(filtered["key"], filtered["value"])
         per_token.update(codes)
-        per_group.update(scales)
-        sizes = torch.full((keys.shape[0] // self.group_size,), self.group_size, device=keys.device)
-        decoded = dict(zip(("key", "value"), super().decode(codes, scales, sizes), strict=True))
+        per_block.update(scales)
+        decoded = dict(zip(("key", "value"), super().decode_blocks(codes, scales), strict=True))
         for name in ("key", "value"):
             low_rank, basis = self._low_rank(filtered[name] - decoded[name])
-            per_token[f"{name}_low_rank"], per_group[f"{name}_basis"] = low_rank, basis
-        return per_token, per_group
+            per_token[f"{name}_low_rank"], per_block[f"{name}_basis"] = low_rank, basis
+        return per_token, per_block
 
     def _low_rank(self, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank-``rank`` SVD of each group's error: per-token rows ``[M, r]``, per-group ``[G, r*D]``."""
-        tokens, dim = error.shape
-        rank = min(self.rank, self.group_size, dim)
-        blocks = error.reshape(-1, self.group_size, dim)
-        u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
-        rows = (u[..., :rank] * s[:, None, :rank]).reshape(tokens, rank)
-        return rows.to(SCALE_DTYPE), vh[:, :rank].reshape(blocks.shape[0], -1).to(SCALE_DTYPE)
+        """Rank-``rank`` SVD of each block's error ``[G, T, D]``: per-token rows ``[G, T, r]`` and
+        a per-block basis ``[G, r * D]``."""
+        blocks, tokens, dim = error.shape
+        rank = min(self.rank, tokens, dim)
+        u, s, vh = torch.linalg.svd(error, full_matrices=False)
+        rows = u[..., :rank] * s[:, None, :rank]
+        return rows.to(SCALE_DTYPE), vh[:, :rank].reshape(blocks, -1).to(SCALE_DTYPE)
 
-    def decode(
-        self, per_token: dict, per_group: dict, group_sizes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        decoded = super().decode(per_token, per_group, group_sizes)
+    def decode_blocks(self, per_token: dict, per_block: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = super().decode_blocks(per_token, per_block)
         corrected = []
         for name, x in zip(("key", "value"), decoded, strict=True):
             rows = per_token[f"{name}_low_rank"].float()
             if rows.shape[-1]:
-                basis = per_group[f"{name}_basis"].float().repeat_interleave(group_sizes, dim=0)
-                x = x + torch.einsum("nr,nrd->nd", rows, basis.reshape(x.shape[0], rows.shape[-1], -1))
+                basis = per_block[f"{name}_basis"].float().reshape(x.shape[0], rows.shape[-1], -1)
+                x = x + rows @ basis
             index = per_token[f"{name}_outlier_index"].long()
             corrected.append(x.scatter(-1, index, per_token[f"{name}_outlier_values"].float()))
         return corrected[0], corrected[1]

@@ -18,17 +18,18 @@ CODE_BITS = (2, 4, 8)
 class KIVI(Quantizer):
     """Asymmetric ``bits``-bit KV quantization with KIVI's grouping, codes packed 8/bits per byte.
 
-    Keys: one (scale, min) per channel for each group of ``group_size`` consecutive tokens of a
+    Keys: one (scale, min) per channel for each block of ``group_size`` consecutive tokens of a
     head (key outliers live in fixed channels). Values: one (scale, min) per token for each group
-    of ``group_size`` channels. The ``residual`` most recent tokens of each head stay in 16-bit
-    floats. Scales and minimums are 16-bit. Eviction drops a token's codes; its group keeps its
-    scales, so eviction and quantization compose without re-quantizing.
+    of ``value_group_size`` channels. The ``residual`` most recent tokens of each head (and the
+    open tail block) stay in 16-bit floats. Scales and minimums are 16-bit. Eviction drops a
+    token's codes; its block keeps its scales, so eviction and quantization compose without
+    re-quantizing.
 
     Parameters
     ----------
     bits : 2, 4 or 8.
-    group_size : tokens per key group, and channels per value group.
-    residual : recent tokens per head kept in 16-bit floats.
+    group_size : tokens per key group (the cache's block size), and channels per value group.
+    residual : recent tokens per head kept in 16-bit floats besides the open tail block.
     value_group_size : channels per value group when it should differ from ``group_size``
         (0 = ``group_size``).
     """
@@ -39,7 +40,8 @@ class KIVI(Quantizer):
     )
 
     bits: int = option(2, choices=CODE_BITS)
-    group_size: int = option(32, minimum=1)
+    # the cache's block size: beyond a few hundred tokens a block is mostly unfilled capacity
+    group_size: int = option(32, minimum=1, maximum=256)
     residual: int = option(32, minimum=0)
     value_group_size: int = option(0, minimum=0)
 
@@ -47,36 +49,28 @@ class KIVI(Quantizer):
         size = self.value_group_size or self.group_size
         return size if dim % size == 0 else dim
 
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
-        tokens, dim = keys.shape
-        key_codes, key_scale, key_min = quantize(keys.reshape(-1, self.group_size, dim), self.bits, dim=1)
+    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+        blocks, tokens, _ = keys.shape
+        key_codes, key_scale, key_min = quantize(keys, self.bits, dim=1)
         value_group = self._value_groups(values.shape[-1])
-        value_codes, value_scale, value_min = quantize(
-            values.reshape(tokens, -1, value_group), self.bits, dim=-1
-        )
+        grouped = values.reshape(blocks, tokens, -1, value_group)
+        value_codes, value_scale, value_min = quantize(grouped, self.bits, dim=-1)
         per_token = {
-            "key_codes": pack_codes(key_codes.reshape(tokens, dim), self.bits),
-            "value_codes": pack_codes(value_codes.reshape(tokens, -1), self.bits),
+            "key_codes": pack_codes(key_codes, self.bits),
+            "value_codes": pack_codes(value_codes.reshape(blocks, tokens, -1), self.bits),
             "value_scale": value_scale.squeeze(-1),
             "value_min": value_min.squeeze(-1),
         }
         return per_token, {"key_scale": key_scale.squeeze(1), "key_min": key_min.squeeze(1)}
 
-    def decode(
-        self, per_token: dict, per_group: dict, group_sizes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        key_scale = per_group["key_scale"].repeat_interleave(group_sizes, dim=0)
-        key_min = per_group["key_min"].repeat_interleave(group_sizes, dim=0)
-        keys = dequantize(unpack_codes(per_token["key_codes"], self.bits), key_scale, key_min)
+    def decode_blocks(self, per_token: dict, per_block: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        key_codes = unpack_codes(per_token["key_codes"], self.bits)
+        keys = dequantize(key_codes, per_block["key_scale"][:, None], per_block["key_min"][:, None])
         value_codes = unpack_codes(per_token["value_codes"], self.bits)
-        tokens, dim = value_codes.shape
-        value_group = self._value_groups(dim)
-        values = dequantize(
-            value_codes.reshape(tokens, -1, value_group),
-            per_token["value_scale"][..., None],
-            per_token["value_min"][..., None],
-        )
-        return keys, values.reshape(tokens, dim)
+        blocks, tokens, dim = value_codes.shape
+        grouped = value_codes.reshape(blocks, tokens, -1, self._value_groups(dim))
+        values = dequantize(grouped, per_token["value_scale"][..., None], per_token["value_min"][..., None])
+        return keys, values.reshape(blocks, tokens, dim)
 
 
 @dataclass

@@ -34,7 +34,8 @@ class MixedPrecision(Quantizer):
 
     high_bits: int = option(4, choices=CODE_BITS)
     low_bits: int = option(2, choices=CODE_BITS)
-    group_size: int = option(32, minimum=1)
+    # the cache's block size: beyond a few hundred tokens a block is mostly unfilled capacity
+    group_size: int = option(32, minimum=1, maximum=256)
     residual: int = option(32, minimum=0)
 
     def __post_init__(self) -> None:
@@ -45,3 +46,6 @@ class MixedPrecision(Quantizer):
             )
         self.high = KIVI(self.high_bits, self.group_size, self.residual)
         self.low = KIVI(self.low_bits, self.group_size, self.residual)
+
+    def tiers(self) -> list[Quantizer]:
+        return [self.low, self.high]

@@ -44,4 +44,4 @@ def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
     """``codes * scale + minimum`` in float32 (scale/minimum broadcast over their size-1 dim)."""
-    return codes.float() * scale.float() + minimum.float()
+    return torch.addcmul(minimum.float(), codes.float(), scale.float())

@@ -57,6 +57,11 @@ class ScoringInputs:
         (DuoAttention's head profile); None for hand-built inputs.
     units : ``[B, Hkv, L]`` unit of each candidate (the slot of its unit's first token; see
         ``kvsqueeze.units``), or None when the cache was given none.
+    observed : statistics over *every* query of the compressed forward, recorded by the attention
+        function while it ran (``queries`` only holds the last few): ``attention_mass`` /
+        ``attention_peak`` ``[B, Hkv, n_rep, L]``, for the scorers that declare them in
+        ``Scorer.statistics``. ``attention_mass()`` and ``attention_peak()`` without ``last``
+        return them.
     """
 
     keys: torch.Tensor
@@ -76,6 +81,7 @@ class ScoringInputs:
     context_tokens: torch.Tensor | None = None
     config: Any = None
     units: torch.Tensor | None = None
+    observed: dict[str, torch.Tensor] = field(default_factory=dict)
     _probs_cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -111,11 +117,15 @@ class ScoringInputs:
         Same numbers as ``attention(last).sum(3)``, but the ``[w, L]`` matrix is never kept whole,
         so scoring a long prefill chunk (H2O) costs ``O(block * L)`` memory instead of ``O(q * L)``.
         """
+        if last is None and "attention_mass" in self.observed:
+            return self.observed["attention_mass"]
         return self._reduce_attention(last, block, peak=False)
 
     def attention_peak(self, last: int | None = None, block: int = 256) -> torch.Tensor:
         """``[B, Hkv, n_rep, L]`` largest attention each candidate receives from any of the last
         ``last`` queries (all if None): ``attention(last).amax(3)`` in ``O(block * L)`` memory."""
+        if last is None and "attention_peak" in self.observed:
+            return self.observed["attention_peak"]
         return self._reduce_attention(last, block, peak=True)
 
     def _reduce_attention(self, last: int | None, block: int, peak: bool) -> torch.Tensor:
@@ -160,13 +170,21 @@ class Scorer(Component):
 
     ``needs_attention`` marks scorers that compute attention probabilities (an extra pass).
     ``reconstructs`` marks scorers that score on the engine's context-reconstruction pass
-    (KVzip) instead of on the context's own prefill.
+    (KVzip) instead of on the context's own prefill. What a scorer reads of the compressed
+    forward's queries is declared: ``observed_queries()`` (how many of the last queries the
+    attention function keeps) and ``statistics`` (``ScoringInputs`` statistics computed over every
+    query while the forward runs, e.g. ``"attention_mass"``).
     """
 
     kind = "scorer"
     stateful: bool = False
     needs_attention: bool = False
     reconstructs: bool = False
+    statistics: tuple[str, ...] = ()
+
+    def observed_queries(self) -> int:
+        """How many of the compressed forward's last queries ``score`` reads (0 = none)."""
+        return 0
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         raise NotImplementedError

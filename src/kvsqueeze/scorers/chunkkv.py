@@ -38,6 +38,9 @@ class ChunkKV(Scorer):
     chunk_size: int = option(10, minimum=1)
     window: int = option(32, minimum=1)
 
+    def observed_queries(self) -> int:
+        return self.window
+
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         in_window = observation_window(inputs, self.window)
         prefix = inputs.valid & ~in_window

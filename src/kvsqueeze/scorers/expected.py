@@ -72,6 +72,9 @@ class ExpectedAttention(Scorer):
     # added to attention probabilities (<= 1): larger values drown the attention out of the score
     epsilon: float = option(0.0, minimum=0, maximum=1)
 
+    def observed_queries(self) -> int:
+        return self.window
+
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         if inputs.rope_inv_freq is None:
             raise ValueError("expected attention needs rope_inv_freq (the model's RoPE inverse frequencies)")

@@ -33,6 +33,7 @@ class H2O(Scorer):
     )
     stateful = True
     needs_attention = True
+    statistics = ("attention_mass",)
 
     recent_share: float = option(0.5, minimum=0, maximum=1)
 

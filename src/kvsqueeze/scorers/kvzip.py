@@ -33,6 +33,7 @@ class KVzip(Scorer):
     )
     needs_attention = True
     reconstructs = True
+    statistics = ("attention_peak",)
 
     sinks: int = option(4, minimum=0)
 

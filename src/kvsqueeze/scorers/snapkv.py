@@ -46,6 +46,9 @@ class SnapKV(Scorer):
     window: int = option(32, minimum=1)
     kernel_size: int = option(7, minimum=1, odd=True)
 
+    def observed_queries(self) -> int:
+        return self.window
+
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         in_window = observation_window(inputs, self.window)
         votes = window_attention(inputs, self.window)

@@ -22,6 +22,9 @@ class TOVA(Scorer):
     citation = "Oren et al., 2024. Transformers are Multi-State RNNs. arXiv:2401.06104"
     needs_attention = True
 
+    def observed_queries(self) -> int:
+        return 1
+
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
         per_kv_head = inputs.attention_mass(last=1).sum(2)
         # heads are matched by slot: after per-head eviction the same index holds different tokens

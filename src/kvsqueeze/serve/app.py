@@ -221,11 +221,11 @@ class Server:
                 f"but the model supports {self.max_length}; shorten the prompt or lower max_tokens",
                 "context_length_exceeded",
             )
-        if (repeated := self.runner.reconstruction_tokens(context)) > self.max_length:
+        if (fed := self.runner.strategy.positions_needed(context)) > self.max_length:
             raise APIError(
                 400,
                 f"{self.runner.recipe} compresses a context by feeding it twice: this context needs "
-                f"{repeated} tokens but the model supports {self.max_length}; shorten the context to "
+                f"{fed} tokens but the model supports {self.max_length}; shorten the context to "
                 "less than half of that",
                 "context_length_exceeded",
             )

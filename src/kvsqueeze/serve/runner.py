@@ -27,12 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
-from kvsqueeze.engine import prefill, prefill_context, repeat_request
 from kvsqueeze.models import kv_cache_spec
+from kvsqueeze.prefill import prefill
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.prefix import PrefixCache, worth_saving
 from kvsqueeze.serve.scheduler import Scheduler, Sequence, Status
 from kvsqueeze.serve.store import Entry
+from kvsqueeze.storage.layer import dense_block_size
 
 log = logging.getLogger("kvsqueeze.serve.runner")
 
@@ -83,14 +84,13 @@ class Runner:
         prefill_tokens_per_step: int = 2048,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        if (recipe.unit is not None or recipe.reconstructs) and tokenizer is None:
-            raise ValueError(f"{recipe} reads the context's tokens: the runner needs the tokenizer")
+        self.strategy = recipe.prefill_strategy(tokenizer)
+        self.strategy.check(recipe)
         self.model = install(model)
         self.tokenizer = tokenizer
         self.recipe = recipe
         self.chunk_size = chunk_size
-        self.prefix_cache = None if recipe.reconstructs else prefix_cache
-        self.repeat_tokens = len(repeat_request(tokenizer)[0]) if recipe.reconstructs else 0
+        self.prefix_cache = prefix_cache if self.strategy.reuses_prefix_states else None
         self.eos_ids = frozenset(eos_ids)
         self.prefill_tokens_per_step = prefill_tokens_per_step
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
@@ -99,7 +99,10 @@ class Runner:
         self.entry_bytes = 2 * head_dim * element + 4
         self.entries_per_token = layers * kv_heads
         self.token_bytes = self.entry_bytes * self.entries_per_token
-        self.scheduler = Scheduler(kv_memory, self.estimate, self.token_bytes, max_running)
+        # storage is paged: a head holds whole blocks, plus one table entry (int64) per block
+        self.block_tokens = dense_block_size(CompressedCache(recipe).block_size, recipe.quantizer)
+        self.block_bytes = self.entries_per_token * (self.block_tokens * self.entry_bytes + 8)
+        self.scheduler = Scheduler(kv_memory, self.estimate, self.growth, max_running)
         self.cache: CompressedCache | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.stats = RunnerStats()
@@ -116,34 +119,39 @@ class Runner:
     def estimate(self, seq: Sequence) -> int:
         """Peak bytes of ``seq`` during its prefill and right after it (see ``Scheduler``)."""
         tail = len(seq.prompt) + len(seq.output) + 1
-        return self.token_bytes * self._peak(len(seq.context), tail, seq.restored is not None)
+        return self._bytes(self._peak(len(seq.context), tail, seq.restored is not None))
 
     def _peak(self, context: int, tail: int, restored: bool = False) -> int:
-        """Tokens per head at the peak: the compressed context plus one uncompressed chunk (the
-        context and its copy for a reconstructing recipe), or the tail."""
+        """Tokens per head at the peak: while the context is compressed (as its prefill strategy
+        says: one uncompressed chunk on top of what is kept, or KVzip's context and copy), or
+        once the tail is fed."""
         kept = self.kept(context)
         if restored or kept == context:
             during = kept
-        elif self.recipe.reconstructs:
-            during = self.reconstruction_tokens(context)
         else:
-            during = min(context, kept + self.chunk_size)
+            during = self.strategy.peak_tokens(context, kept, self.chunk_size)
         return max(during, kept + tail)
-
-    def reconstruction_tokens(self, context: int) -> int:
-        """Tokens a reconstructing recipe (KVzip) feeds for a ``context``-token context, all held
-        uncompressed at once: the context, the repeat request and the copy (0 for other recipes)."""
-        return 2 * context + self.repeat_tokens if self.recipe.reconstructs else 0
 
     def bytes_needed_alone(self, context: int, prompt: int, max_tokens: int) -> int:
         """What one request needs with nobody else running (the submit-time check)."""
-        return self.token_bytes * self._peak(context, prompt + max_tokens)
+        return self._bytes(self._peak(context, prompt + max_tokens))
+
+    def growth(self, seq: Sequence | None) -> int:
+        """Bytes ``seq``'s row allocates at the next decode step (see ``Scheduler``); a row not yet
+        in the batch may need a block for every head."""
+        if seq is None or self.cache is None:
+            return self.block_bytes
+        row = self.scheduler.running.index(seq)
+        return self.cache.append_blocks(row) * (self.block_bytes // self.entries_per_token)
+
+    def _bytes(self, tokens: int) -> int:
+        """Bytes a row holding ``tokens`` tokens per KV head holds in whole blocks."""
+        return -(-tokens // self.block_tokens) * self.block_bytes
 
     def held(self, seq: Sequence) -> int:
         """Bytes the running batch holds for ``seq``'s row (its stored entries)."""
         row = self.scheduler.running.index(seq)
-        entries = sum(int(layer.lengths[row].sum()) for layer in self.cache.layers)
-        return entries * self.entry_bytes
+        return self.cache.held_tokens(row) * self.entry_bytes
 
     def used(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()
@@ -237,21 +245,10 @@ class Runner:
                 done, cache = hit
         if seq.preemptions == 0:
             seq.cached_tokens = done
-        cache = cache or CompressedCache(self.recipe)
+        cache = cache or CompressedCache(self.recipe, config=self.model.config)
         logits = None
-        if self.recipe.reconstructs and done < len(seq.context):
-            logits, done = self._reconstruct(cache, seq.context), len(seq.context)
-        elif self.recipe.unit is not None and done < len(seq.context):
-            ids = torch.tensor([seq.context])
-            cache.set_units(self.recipe.unit.unit_ids(self.tokenizer, ids, torch.ones_like(ids)))
-        last_full = len(seq.context) // self.chunk_size
-        while done < len(seq.context):
-            stop = min((done // self.chunk_size + 1) * self.chunk_size, len(seq.context))
-            logits = self._feed(cache, seq.context[done:stop], compress=True)
-            done = stop
-            chunks, partial = divmod(stop, self.chunk_size)
-            if self.prefix_cache is not None and not partial and worth_saving(chunks, last_full):
-                self.prefix_cache.save(seq.context, stop, cache, seq.scope)
+        if done < len(seq.context):
+            logits = self._feed_context(cache, seq, done)
         if seq.kind == "context" or seq.save_context:
             tensors, meta = cache.state_dict()
             entry = Entry({k: v.clone() for k, v in tensors.items()}, {"tokens": seq.context, "cache": meta})
@@ -261,24 +258,33 @@ class Runner:
         # a resumed (preempted) sequence refeeds what it generated, all but the pending last token
         tail = seq.prompt + seq.output[:-1]
         if tail:
-            logits = self._feed(cache, tail, compress=False)
+            logits = self._feed_tail(cache, tail)
         return cache, logits
 
-    def _reconstruct(self, cache: CompressedCache, context: list[int]) -> torch.Tensor:
-        """Prefill the whole context, compressed by the engine's reconstruction pass (KVzip)."""
-        ids = torch.tensor([context], dtype=torch.long, device=self.model.device)
-        logits = prefill_context(
-            self.model, self.tokenizer, cache, ids, torch.ones_like(ids), self.chunk_size
+    def _feed_context(self, cache: CompressedCache, seq: Sequence, done: int) -> torch.Tensor:
+        """Feed ``seq.context`` from token ``done`` on, as the recipe's prefill strategy does,
+        saving chunk-boundary prefix states when the strategy passes through reusable ones."""
+        ids = torch.tensor([seq.context], dtype=torch.long, device=self.model.device)
+        last_full = len(seq.context) // self.chunk_size
+
+        def save(stop: int) -> None:
+            chunks, partial = divmod(stop, self.chunk_size)
+            if self.prefix_cache is not None and not partial and worth_saving(chunks, last_full):
+                self.prefix_cache.save(seq.context, stop, cache, seq.scope)
+
+        logits = self.strategy.prefill(
+            self.model, cache, ids, torch.ones_like(ids), self.chunk_size, start=done, on_chunk=save
         )
-        self.stats.prefill_tokens += len(context)
+        self.stats.prefill_tokens += len(seq.context) - done
         return logits[0]
 
-    def _feed(self, cache: CompressedCache, tokens: list[int], compress: bool) -> torch.Tensor:
+    def _feed_tail(self, cache: CompressedCache, tokens: list[int]) -> torch.Tensor:
+        """Feed the prompt tail (or a resumed sequence's output) uncompressed."""
         device = self.model.device
         past = cache.get_seq_length()
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         mask = torch.ones(1, past + len(tokens), dtype=torch.long, device=device)
-        with cache.settings(compress_prefill=compress):
+        with cache.settings(compress_prefill=False):
             logits = prefill(self.model, cache, ids, mask)
         self.stats.prefill_tokens += len(tokens)
         return logits[0]
@@ -290,7 +296,7 @@ class Runner:
             self.scheduler.preempt(victim)
             self.stats.preemptions += 1
         running = self.scheduler.running
-        if len(running) == 1 and self.used() + self.token_bytes > self.scheduler.budget_bytes:
+        if len(running) == 1 and self.used() + self.growth(running[0]) > self.scheduler.budget_bytes:
             log.warning("sequence %d alone outgrew --kv-memory; stopping it", running[0].id)
             self._finish(running[0], "length")
         if not running:
@@ -299,7 +305,7 @@ class Runner:
         tokens = torch.tensor([[seq.output[-1]] for seq in running], device=device)
         positions = torch.tensor([[seq.total_tokens - 1] for seq in running], device=device)
         seen = self.cache.get_seq_length()
-        offsets = self.cache.layers[0].offsets.to(device)
+        offsets = self.cache.offsets.to(device)
         mask = (torch.arange(seen + 1, device=device)[None] >= offsets[:, None]).long()
         out = self.model(
             input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache
@@ -360,5 +366,5 @@ class Runner:
         if len(keep) == len(running):
             return
         self.cache.batch_select_indices(torch.tensor(keep))
-        if int(self.cache.layers[0].offsets.min()) > _MAX_IDLE_OFFSET:
+        if int(self.cache.offsets.min()) > _MAX_IDLE_OFFSET:
             self.cache = CompressedCache.stack(self.cache.split())

@@ -77,7 +77,8 @@ class Scheduler:
     ----------
     budget_bytes : the ``--kv-memory`` budget.
     estimate : bytes a waiting sequence needs at the peak of its prefill (and right after it).
-    token_bytes : bytes one more token costs one running row (its share of a decode step).
+    growth : bytes a running sequence's row allocates at the next decode step (a block for each
+        of its KV heads whose last block is full); ``growth(None)`` for a row that just joined.
     max_running : cap on the running batch size.
     """
 
@@ -85,12 +86,12 @@ class Scheduler:
         self,
         budget_bytes: int,
         estimate: Callable[[Sequence], int],
-        token_bytes: int,
+        growth: Callable[[Sequence | None], int],
         max_running: int = 64,
     ):
         self.budget_bytes = budget_bytes
         self.estimate = estimate
-        self.token_bytes = token_bytes
+        self.growth = growth
         self.max_running = max_running
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -110,7 +111,7 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.max_running:
             return None
         seq = self.waiting[0]
-        need = self.estimate(seq) + self.token_bytes * (len(self.running) + 1)
+        need = self.estimate(seq) + self.growth(None) + sum(self.growth(other) for other in self.running)
         if self.running and used + need > self.budget_bytes:
             return None
         return self.waiting.popleft()
@@ -126,10 +127,12 @@ class Scheduler:
         """
         victims: list[Sequence] = []
         rows = len(self.running)
-        while rows > 1 and used + self.token_bytes * rows > self.budget_bytes:
+        growing = sum(self.growth(seq) for seq in self.running)
+        while rows > 1 and used + growing > self.budget_bytes:
             victim = self.running[rows - 1]
             victims.append(victim)
             used -= held(victim)
+            growing -= self.growth(victim)
             rows -= 1
         return victims
 

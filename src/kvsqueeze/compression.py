@@ -1,0 +1,117 @@
+"""The compression step: what the attention function observed -> scores -> budgets -> keep.
+
+A forward that the cache compresses (a prefill chunk with a recipe that evicts) runs its
+attention as usual; the attention function only records, per layer, what the recipe's
+components ask for (``Observation``: the last queries, attention statistics over every query).
+When the forward ends, ``compress`` scores every layer from its held tokens and its observation,
+lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
+``Recipe.select``), and keeps the selected tokens. Layers are scored one at a time: only their
+rankings stay in memory until the budget has seen every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvsqueeze.scorers.base import ScoringInputs
+
+if TYPE_CHECKING:
+    from kvsqueeze.cache import CompressedCache
+    from kvsqueeze.storage.layer import LayerView, PagedLayer
+
+
+@dataclass
+class Observation:
+    """What one layer's attention recorded during a forward to be compressed.
+
+    ``queries [B, Hq, w, D]`` are the last ``w`` post-RoPE queries (``w`` = what the recipe asks
+    for), at RoPE positions ``query_positions [B, w]`` and slots ``query_slots [B, w]``;
+    ``last_row [B, T]`` is the model's mask for the forward's last query over slots (None: no
+    mask, every held token is visible); ``statistics`` maps a ``ScoringInputs`` statistic name
+    (``attention_mass``, ``attention_peak``) to its value over *every* query of the forward,
+    indexed by slot, ``[B, Hkv, n_rep, T]``; ``new_tokens`` is the forward's length.
+    """
+
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    query_slots: torch.Tensor
+    scaling: float
+    last_row: torch.Tensor | None
+    new_tokens: int
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def visible_to_last_query(observation: Observation, slots: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, L]`` bool: held candidates the forward's last query could see (padding and
+    tokens outside a sliding window are dead weight)."""
+    held = slots >= 0
+    if observation.last_row is None:
+        return held
+    row = observation.last_row
+    index = slots.clamp(min=0, max=row.shape[-1] - 1)
+    return held & row[:, None, :].expand(-1, slots.shape[1], -1).gather(-1, index)
+
+
+def statistic_at(statistic: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A recorded statistic ``[B, Hkv, n_rep, T]`` (by slot) at ``slots [B, Hkv, L]``; 0 where
+    nothing is held."""
+    index = slots.clamp(min=0, max=statistic.shape[-1] - 1)[:, :, None, :]
+    picked = statistic.gather(-1, index.expand(-1, -1, statistic.shape[2], -1))
+    return picked.masked_fill(slots[:, :, None] < 0, 0.0)
+
+
+def scoring_inputs(
+    cache: CompressedCache, index: int, view: LayerView, observation: Observation
+) -> ScoringInputs:
+    """The ``ScoringInputs`` of layer ``index`` (before the budget fields are set)."""
+    config = cache.config
+    observed = {name: statistic_at(stat, view.slots) for name, stat in observation.statistics.items()}
+    return ScoringInputs(
+        keys=view.keys,
+        values=view.values,
+        slots=view.slots,
+        valid=visible_to_last_query(observation, view.slots),
+        queries=observation.queries,
+        query_positions=observation.query_positions,
+        query_slots=observation.query_slots,
+        scaling=observation.scaling,
+        layer_idx=index,
+        num_layers=config.num_hidden_layers if config is not None else len(cache.layers),
+        rope_inv_freq=cache.rope_inv_freq(view.keys.device),
+        previous_scores=view.scores,
+        config=config,
+        units=cache.units_of(view.slots),
+        observed=observed,
+    )
+
+
+def compress(cache: CompressedCache) -> None:
+    """Compress every layer the last forward observed, with the cache's recipe (see module doc)."""
+    recipe = cache.recipe
+    observed = sorted(cache.observations.items())
+    cache.observations = {}
+    if recipe is None or not observed:
+        return
+    demotes = recipe.quantizer is not None and recipe.quantizer.demotes
+    rankings, views, counted = [], [], False
+    for index, observation in observed:
+        layer: PagedLayer = cache.layers[index]
+        view = layer.view()
+        inputs = scoring_inputs(cache, index, view, observation)
+        protected = torch.zeros_like(inputs.valid)
+        if cache.protect_from is not None:
+            protected = inputs.valid & (view.slots >= cache.protect_from)
+        if not counted:  # the chunk's new context tokens raise the budget base, once per row
+            new = inputs.valid & ~protected & (view.slots >= layer.seen - observation.new_tokens)
+            cache.count_context(new[:, 0].sum(-1))
+            counted = True
+        if demotes:  # quantized tokens were demoted or kept once: never decided again
+            protected = protected | (inputs.valid & ~view.in_dense)
+        rankings.append(recipe.rank(inputs, cache.context_tokens, protected, cache.budget_state))
+        views.append(view.release())
+    for view, ranking, keep in zip(views, rankings, recipe.select(rankings, cache.budget_state), strict=True):
+        layer = cache.layers[ranking.layer_idx]
+        layer.keep(view, keep, ranking.scorer_state, demote=ranking.valid if demotes else None)
