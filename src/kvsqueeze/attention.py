@@ -60,41 +60,59 @@ def grouped_attention(
     per KV head ``[B, 1 or Hkv, q, L]`` (None: causal among the last ``q`` keys, which then are
     all the keys). Returns ``[B, q, Hq, D]``.
 
-    The ``n_rep`` query heads sharing a KV head are folded into the query axis, so keys and values
-    are never repeated. ``softcap`` (Gemma 2) caps the logits with ``tanh`` before the softmax.
-    Fully masked rows (padding queries) give finite garbage, as in transformers, instead of NaN.
+    Keys and values are never repeated for the ``n_rep`` query heads sharing a KV head: a decode
+    step folds them into the query axis (``[B, Hkv, n_rep, D]``); a longer forward attends each
+    (row, KV head) as one batch entry with its ``n_rep`` query heads (GQA), so its mask is never
+    repeated either. ``softcap`` (Gemma 2) caps the logits with ``tanh`` before the softmax. Fully
+    masked rows (padding queries) give finite garbage, as in transformers, instead of NaN.
     """
     batch, q_heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, length = key.shape[1], key.shape[2]
     n_rep = q_heads // kv_heads
-    causal = mask is None and q_len > 1
-    if causal and softcap is None:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=n_rep > 1
-        )
-        return out.transpose(1, 2).contiguous()
-    if causal:
-        mask = torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril(
-            key.shape[2] - q_len
-        )
-        mask = mask[None, None]
-    folded = query.reshape(batch, kv_heads, n_rep * q_len, dim)
-    if mask is not None and q_len > 1:
-        mask = (
-            mask[:, :, None]
-            .expand(-1, -1, n_rep, -1, -1)
-            .reshape(mask.shape[0], mask.shape[1], n_rep * q_len, -1)
-        )
-    if softcap is None:
+    if softcap is not None:
+        return _capped_attention(query, key, value, mask, scaling, softcap)
+    if q_len == 1:
+        folded = query.reshape(batch, kv_heads, n_rep, dim)
         out = torch.nn.functional.scaled_dot_product_attention(
             folded, key, value, attn_mask=mask, scale=scaling
         )
-    else:
-        logits = (folded @ key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
-        logits = torch.tanh(logits / softcap) * softcap
-        if mask is not None:
-            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-        out = logits.softmax(-1) @ value
+        return out.reshape(batch, 1, q_heads, -1)
+    entries = batch * kv_heads
+    if mask is not None:
+        mask = mask.expand(batch, kv_heads, q_len, length).reshape(entries, 1, q_len, length)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(entries, n_rep, q_len, dim),
+        key.reshape(entries, 1, length, dim),
+        value.reshape(entries, 1, length, -1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scaling,
+        enable_gqa=n_rep > 1,
+    )
+    return out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
+
+
+def _capped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """``grouped_attention`` with the logits capped at ``softcap`` (``tanh``), computed eagerly."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    folded = query.reshape(batch, kv_heads, q_heads // kv_heads, q_len, dim)
+    logits = torch.einsum("bhrqd,bhld->bhrql", folded, key) * (scaling if scaling is not None else dim**-0.5)
+    logits = torch.tanh(logits / softcap) * softcap
+    if mask is None and q_len > 1:  # causal among the new tokens, which are all the keys
+        mask = torch.ones(q_len, length, dtype=torch.bool, device=query.device).tril(length - q_len)[
+            None, None
+        ]
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, :, None], torch.finfo(logits.dtype).min)
+    out = torch.einsum("bhrql,bhld->bhrqd", logits.softmax(-1), value)
     return out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
@@ -113,7 +131,7 @@ def kvsqueeze_attention(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len = query.shape[2]
-    held = layer.held_tokens(query.dtype)
+    held = layer.held_tokens(query.dtype, layer.cache.workspace)
     mask = held_mask(attention_mask, held, layer.seen, q_len)
     output = grouped_attention(query, held.keys, held.values, mask, scaling, kwargs.get("softcap"))
     if layer.cache.compresses(layer, q_len):

@@ -26,6 +26,7 @@ from kvsqueeze.baseline import layer_windows
 from kvsqueeze.compat import rope_inverse_frequencies
 from kvsqueeze.compression import compress
 from kvsqueeze.storage.layer import PagedLayer, concat_layer_exports
+from kvsqueeze.storage.pool import Workspace
 
 if TYPE_CHECKING:
     from kvsqueeze.compression import Observation
@@ -79,6 +80,7 @@ class CompressedCache(Cache):
         self.observations: dict[int, Observation] = {}
         self.budget_state: dict = {}
         self.unit_ids: torch.Tensor | None = None
+        self.workspace = Workspace()
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
         if config is not None:
             self.configure(config)
@@ -216,8 +218,9 @@ class CompressedCache(Cache):
         return rows + sum(layer.nbytes(kv_dtype) for layer in self.layers)
 
     def nbytes_reserved(self) -> int:
-        """Bytes of free blocks the pools hold beyond ``nbytes`` (pool slack, reported apart)."""
-        return sum(layer.nbytes_reserved() for layer in self.layers)
+        """Bytes held beyond ``nbytes``, reported apart: the pools' free blocks (slack) and the
+        attention's scratch buffers (one layer's gathered keys and values)."""
+        return self.workspace.nbytes() + sum(layer.nbytes_reserved() for layer in self.layers)
 
     def nbytes_full(self, dtype: torch.dtype | None = None) -> int:
         """Bytes transformers' default cache (``DynamicCache(config=...)``) would hold for the same

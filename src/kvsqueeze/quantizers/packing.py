@@ -20,10 +20,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack_codes``: ``[..., D * bits / 8]`` uint8 -> ``[..., D]`` uint8 codes."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    """Inverse of ``pack_codes``: ``[..., D * bits / 8]`` uint8 -> ``[..., D]`` uint8 codes.
+
+    One shift by a number per code position (a shift by a broadcast tensor of shifts measured
+    10x slower on CPU)."""
     mask = (1 << bits) - 1
-    return ((packed[..., None] >> shifts) & mask).reshape(*packed.shape[:-1], -1)
+    planes = [(packed >> shift) & mask if shift else packed & mask for shift in range(0, 8, bits)]
+    return torch.stack(planes, dim=-1).reshape(*packed.shape[:-1], -1)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvsqueeze.quantizers.base import RESIDUAL_DTYPE, Quantizer
+from kvsqueeze.storage.pool import Workspace
 from kvsqueeze.storage.tiers import DenseTier, QuantizedTier, concat_exports
 
 if TYPE_CHECKING:
@@ -205,20 +206,33 @@ class PagedLayer(CacheLayerMixin):
             slots = self.seen - self.held_lengths()[..., None] + rank
         return torch.where(held, slots, -1)
 
-    def held_tokens(self, dtype: torch.dtype) -> HeldTokens:
-        """Every token this layer holds, for attention (see ``HeldTokens``)."""
+    def held_tokens(self, dtype: torch.dtype, workspace: Workspace | None = None) -> HeldTokens:
+        """Every token this layer holds, in ``dtype`` (see ``HeldTokens``). With ``workspace``, the
+        gathered keys and values live in its buffers, valid until the next layer's gather."""
         dense = self.dense
         if not any(tier.widest for tier in self.quantized):
-            keys, values = dense.gather("keys").to(dtype), dense.gather("values").to(dtype)
+            keys, values = (self._gather_dense(name, dtype, workspace) for name in ("keys", "values"))
             if dense.uniform and not self.explicit_slots:
                 return HeldTokens(keys, values, None, None, self.seen)
             valid = dense.held()
             return HeldTokens(keys, values, valid, self._entry_slots(valid), self.seen)
         decoded = [tier.decode() for tier in self.quantized if tier.widest]  # an empty tier adds no entry
-        keys = torch.cat([k.to(dtype) for k, _ in decoded] + [dense.gather("keys").to(dtype)], dim=2)
-        values = torch.cat([v.to(dtype) for _, v in decoded] + [dense.gather("values").to(dtype)], dim=2)
+        parts = {
+            "keys": [k.to(dtype) for k, _ in decoded] + [dense.gather("keys").to(dtype)],
+            "values": [v.to(dtype) for _, v in decoded] + [dense.gather("values").to(dtype)],
+        }
+        keys, values = (joined(name, pieces, workspace) for name, pieces in parts.items())
         valid = torch.cat(self._held_masks(), dim=2)
         return HeldTokens(keys, values, valid, self._entry_slots(valid), self.seen)
+
+    def _gather_dense(self, name: str, dtype: torch.dtype, workspace: Workspace | None) -> torch.Tensor:
+        dense = self.dense
+        field = dense.pool.fields[name]
+        if workspace is None or field.dtype != dtype:
+            return dense.gather(name).to(dtype)
+        width = -(-dense.longest // dense.block_size)
+        numel = dense.table.shape[0] * dense.table.shape[1] * width * field[0].numel()
+        return dense.gather(name, workspace.buffer(name, numel, dtype, self.device))
 
     def view(self) -> LayerView:
         """This layer's tokens per head in slot order (see ``LayerView``)."""
@@ -473,6 +487,19 @@ class PagedLayer(CacheLayerMixin):
                 raise ValueError("a stored slot lies beyond the layer's length")
         elif bool((self.held_lengths() > self.seen).any()):
             raise ValueError("a layer holds more tokens than it has seen")
+
+
+def joined(name: str, pieces: list[torch.Tensor], workspace: Workspace | None) -> torch.Tensor:
+    """``pieces`` ``[B, H, L_i, D]`` concatenated along the tokens, into ``workspace``'s buffer
+    ``name`` when there is one."""
+    if workspace is None:
+        return torch.cat(pieces, dim=2)
+    batch, heads, _, dim = pieces[0].shape
+    length = sum(piece.shape[2] for piece in pieces)
+    buffer = workspace.buffer(name, batch * heads * length * dim, pieces[0].dtype, pieces[0].device)
+    return torch.cat(
+        pieces, dim=2, out=buffer[: batch * heads * length * dim].view(batch, heads, length, dim)
+    )
 
 
 def concat_layer_exports(exports: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -84,3 +84,27 @@ class BlockPool:
                 per_block *= size
             total += per_block * resize.get(name, field.element_size())
         return total
+
+
+class Workspace:
+    """Scratch buffers that every layer's attention reuses within a forward: the keys and values
+    it gathers from the blocks of one layer at a time. Reusing them spares allocating (and, for
+    large ones, page-faulting) a fresh tensor per layer and step; they are transient working
+    memory, reported by ``CompressedCache.nbytes_reserved``, not cache contents."""
+
+    GROWTH = 1.25
+    """A buffer grows with headroom, so a decode that adds a token per step rarely reallocates."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def buffer(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements (contents undefined)."""
+        key = (name, dtype, device)
+        held = self.buffers.get(key)
+        if held is None or held.numel() < numel:
+            held = self.buffers[key] = torch.empty(int(numel * self.GROWTH), dtype=dtype, device=device)
+        return held
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())

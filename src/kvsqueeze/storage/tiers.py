@@ -32,6 +32,24 @@ def ceil_div(x, y):
     return -(-x // y)
 
 
+def gather_blocks(field: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks ``ids [...]`` of a pool field ``[capacity, *F]``: ``[*ids.shape, *F]``.
+
+    ``index_select`` on the field flattened per block, which copies whole blocks at memory speed
+    (advanced indexing ``field[ids]`` measured 3-5x slower on CPU); ``out`` (a flat buffer of at
+    least that many elements) saves allocating the result, e.g. a large one at every decode step.
+    """
+    flat = field.view(field.shape[0], -1)
+    index = ids.reshape(-1)
+    if out is None:
+        picked = torch.index_select(flat, 0, index)
+    else:
+        picked = torch.index_select(
+            flat, 0, index, out=out[: index.numel() * flat.shape[1]].view(-1, flat.shape[1])
+        )
+    return picked.view(*ids.shape, *field.shape[1:])
+
+
 def _within(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``counts [N]`` items per segment: each item's segment and its index within it."""
     segment = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
@@ -210,11 +228,12 @@ class DenseTier(_Tier):
         index = torch.arange(self.longest, device=self.table.device)
         return self.table[:, :, index // self.block_size] * self.block_size + index % self.block_size
 
-    def gather(self, name: str) -> torch.Tensor:
-        """``[B, H, longest, *F]`` field ``name`` of each head's tokens, one index per block."""
+    def gather(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, H, longest, *F]`` field ``name`` of each head's tokens, one index per block
+        (``out``: see ``gather_blocks``)."""
         field = self.pool.fields[name]
         width = ceil_div(self.longest, self.block_size)
-        blocks = field[self.table[:, :, :width]]
+        blocks = gather_blocks(field, self.table[:, :, :width], out)
         batch, heads = self.count.shape
         return blocks.view(batch, heads, width * self.block_size, *field.shape[2:])[:, :, : self.longest]
 
@@ -361,8 +380,9 @@ class QuantizedTier(_Tier):
         batch, heads, width = ids.shape
         flat = ids.flatten()
         fields = self.pool.fields
-        per_token = {name: fields[name][flat] for name in self.token_fields if name not in CARRIED_FIELDS}
-        per_block = {name: fields[name][flat] for name in self.block_fields}
+        codes = [name for name in self.token_fields if name not in CARRIED_FIELDS]
+        per_token = {name: gather_blocks(fields[name], flat) for name in codes}
+        per_block = {name: gather_blocks(fields[name], flat) for name in self.block_fields}
         keys, values = self.quantizer.decode_blocks(per_token, per_block)
         return (
             keys.view(batch, heads, width * self.block_size, -1),
