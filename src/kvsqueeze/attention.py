@@ -19,6 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.compression import Observation
+from kvsqueeze.kernels.decode import fused_decode
 from kvsqueeze.scorers.base import ScoringInputs
 from kvsqueeze.storage.layer import HeldTokens, PagedLayer
 
@@ -131,6 +132,12 @@ def kvsqueeze_attention(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len = query.shape[2]
+    if q_len == 1:
+        lower = layer.cache.first_visible(attention_mask, query.shape[0], query.device)
+        if lower is not None:
+            output = fused_decode(layer, query, scaling, kwargs.get("softcap"), lower)
+            if output is not None:
+                return output, None
     held = layer.held_tokens(query.dtype, layer.cache.workspace)
     mask = held_mask(attention_mask, held, layer.seen, q_len)
     output = grouped_attention(query, held.keys, held.values, mask, scaling, kwargs.get("softcap"))

@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 from kvsqueeze.baseline import layer_windows
 from kvsqueeze.compat import rope_inverse_frequencies
 from kvsqueeze.compression import compress
+from kvsqueeze.kernels.decode import first_visible
 from kvsqueeze.storage.layer import PagedLayer, concat_layer_exports
 from kvsqueeze.storage.pool import Workspace
 
@@ -81,6 +82,7 @@ class CompressedCache(Cache):
         self.budget_state: dict = {}
         self.unit_ids: torch.Tensor | None = None
         self.workspace = Workspace()
+        self._first_visible: tuple | None = None
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
         if config is not None:
             self.configure(config)
@@ -151,6 +153,14 @@ class CompressedCache(Cache):
         """Whether a forward of ``query_length`` new tokens is compressed in ``layer``."""
         recipe = self.recipe_for(layer)
         return query_length > 1 and self.compress_prefill and recipe is not None and recipe.evicts
+
+    def first_visible(self, attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """``kvsqueeze.kernels.decode.first_visible`` of a decode mask, computed once per mask
+        (the model hands every layer of a kind the same mask tensor in a forward)."""
+        memo = self._first_visible
+        if memo is None or memo[0] is not attention_mask or memo[1] != batch:
+            memo = self._first_visible = (attention_mask, batch, first_visible(attention_mask, batch, device))
+        return memo[2]
 
     def observe(self, layer: PagedLayer, observation: Observation) -> None:
         """Record what ``layer``'s attention saw during the current forward (for ``compress``)."""

@@ -27,6 +27,8 @@ class Quantizer(Component):
     residual: int = 32
     demotes = False
     """True when tokens the scorer drops are kept in fewer bits instead (``mixed``)."""
+    block_format: str | None = None
+    """The layout of its encoded blocks, if the compiled decode kernel reads it (``"kivi"``)."""
 
     def tiers(self) -> list[Quantizer]:
         """The quantizers of the layer's quantized tiers: the demotion tier first, the tier full

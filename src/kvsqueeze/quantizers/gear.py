@@ -32,6 +32,7 @@ class GEAR(KIVI):
     """
 
     name = "gear"
+    block_format = None  # outliers and low-rank corrections on top of the KIVI codes
     citation = (
         "Kang et al., 2024. GEAR: An Efficient KV Cache Compression Recipe for Near-Lossless Generative "
         "Inference of LLM. arXiv:2403.05527"

@@ -35,6 +35,7 @@ class KIVI(Quantizer):
     """
 
     name = "kivi"
+    block_format = "kivi"
     citation = (
         "Liu et al., 2024. KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache. arXiv:2402.02750"
     )

@@ -11,22 +11,26 @@ SCALE_DTYPE = torch.float16
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``[..., D]`` integer codes in ``[0, 2**bits)`` into ``[..., D * bits / 8]`` uint8.
 
-    Code ``i`` of a byte occupies bits ``i*bits .. (i+1)*bits - 1`` (little end first).
+    Planar: with ``K = D * bits / 8`` bytes, byte ``k`` holds channels ``k, K + k, 2K + k, ...``,
+    channel ``p * K + k`` in bits ``p*bits .. (p+1)*bits - 1``. Each plane unpacks into a
+    contiguous run of channels, which vectorizes (the decode kernel reads codes this way).
     """
     per_byte = 8 // bits
-    grouped = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+    planes = codes.to(torch.uint8).reshape(*codes.shape[:-1], per_byte, -1)
+    packed = planes[..., 0, :].clone()
+    for plane in range(1, per_byte):
+        packed |= planes[..., plane, :] << (plane * bits)
+    return packed
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack_codes``: ``[..., D * bits / 8]`` uint8 -> ``[..., D]`` uint8 codes.
 
-    One shift by a number per code position (a shift by a broadcast tensor of shifts measured
-    10x slower on CPU)."""
+    One shift by a number per plane (a shift by a broadcast tensor of shifts measured 10x slower
+    on CPU)."""
     mask = (1 << bits) - 1
     planes = [(packed >> shift) & mask if shift else packed & mask for shift in range(0, 8, bits)]
-    return torch.stack(planes, dim=-1).reshape(*packed.shape[:-1], -1)
+    return torch.cat(planes, dim=-1)
 
 
 def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
