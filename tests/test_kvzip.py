@@ -65,9 +65,10 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
         seen.append((inputs.protected[0, 0].sum().item(), scores))
         return scores
 
-    def observing(self, layer, observation):
-        observed.append(list(range(layer.seen - observation.new_tokens, layer.seen)))
-        original_observe(self, layer, observation)
+    def observing(self, layer_idx, observation):
+        seen = self.layers[layer_idx].seen
+        observed.append(list(range(seen - observation.new_tokens, seen)))
+        original_observe(self, layer_idx, observation)
 
     monkeypatch.setattr(KVzip, "score", scoring)
     monkeypatch.setattr(CompressedCache, "observe", observing)

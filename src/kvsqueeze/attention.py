@@ -1,13 +1,14 @@
 """The attention function over paged storage, and the hooks that drive the compression step.
 
-Registered as the attention implementation ``"kvsqueeze"`` (plus a mask function of the same
-name, so transformers materialises padding/sliding-window masks). The model calls
-``cache.update`` and hands us what it returned; the key tensor leads back to the cache layer. The
-function attends over the layer's held blocks (gathered per head, quantized blocks decoded) with
-a per-head mask gathered at the stored slots, and, during a forward the cache compresses,
-records what the recipe asks for (``kvsqueeze.compression.Observation``). It never evicts:
-``install`` also hooks the model so that the cache compresses when each forward ends. With any
-other cache the function is plain SDPA.
+Registered as the attention implementation ``"kvsqueeze"`` (plus transformers' SDPA mask
+function under the same name, so padding/sliding-window masks are materialised). The model calls
+``cache.update`` and hands us what it returned; the key tensor leads back to the cache layer.
+A decode step on the CPU runs the compiled kernel over the blocks where they are
+(``kvsqueeze.kernels``); otherwise the layer's blocks are gathered per head (quantized ones
+decoded) into one workspace and attended with SDPA under a per-head mask gathered at the stored
+slots. During a forward the cache compresses, the function also records what the recipe asks for
+(``kvsqueeze.compression.Observation``). It never evicts: ``install`` hooks the model so that the
+cache compresses when each forward ends. With any other cache the function is plain SDPA.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from kvsqueeze.storage.layer import HeldTokens, PagedLayer
 
 ATTENTION_NAME = "kvsqueeze"
 
+QUERY_BLOCK = 128
+"""Queries of a masked prefill attended at a time (bounds SDPA's float copy of the mask)."""
+
 
 def held_mask(
     attention_mask: torch.Tensor | None, held: HeldTokens, seen: int, q_len: int
@@ -33,11 +37,17 @@ def held_mask(
 
     ``attention_mask`` is the model's 4D mask ``[B, 1, q, T]`` over slots (bool or additive
     float; None when transformers found nothing to mask); its columns are gathered at each
-    head's slots. Without one, every held token is visible to every query but the causal order
-    among the new ones, which only happens on the first forward (SDPA's ``is_causal`` then).
+    head's slots. Without one, every held token is visible, in causal order among the new ones
+    (None: the layer holds exactly the forward's tokens, SDPA's ``is_causal``).
     """
     if attention_mask is None:
-        return None if held.valid is None else held.valid[:, :, None, :]
+        if held.valid is None:
+            return None
+        mask = held.valid[:, :, None, :]
+        if q_len > 1:
+            query_slots = torch.arange(seen - q_len, seen, device=held.keys.device)
+            mask = mask & (held.slots[:, :, None, :] <= query_slots[:, None])
+        return mask
     if attention_mask.dtype != torch.bool:
         attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
     length = held.keys.shape[2]
@@ -79,17 +89,28 @@ def grouped_attention(
         )
         return out.reshape(batch, 1, q_heads, -1)
     entries = batch * kv_heads
-    if mask is not None:
+    queries = query.reshape(entries, n_rep, q_len, dim)
+    keys, values = key.reshape(entries, 1, length, dim), value.reshape(entries, 1, length, -1)
+    if mask is None:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, is_causal=True, scale=scaling, enable_gqa=n_rep > 1
+        )
+    else:  # in blocks of queries: SDPA turns its mask into floats, a [q, L] copy per head
         mask = mask.expand(batch, kv_heads, q_len, length).reshape(entries, 1, q_len, length)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(entries, n_rep, q_len, dim),
-        key.reshape(entries, 1, length, dim),
-        value.reshape(entries, 1, length, -1),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scaling,
-        enable_gqa=n_rep > 1,
-    )
+        out = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    queries[:, :, start : start + QUERY_BLOCK],
+                    keys,
+                    values,
+                    attn_mask=mask[:, :, start : start + QUERY_BLOCK],
+                    scale=scaling,
+                    enable_gqa=n_rep > 1,
+                )
+                for start in range(0, q_len, QUERY_BLOCK)
+            ],
+            dim=2,
+        )
     return out.reshape(batch, q_heads, q_len, -1).transpose(1, 2).contiguous()
 
 
@@ -142,7 +163,7 @@ def kvsqueeze_attention(
     mask = held_mask(attention_mask, held, layer.seen, q_len)
     output = grouped_attention(query, held.keys, held.values, mask, scaling, kwargs.get("softcap"))
     if layer.cache.compresses(layer, q_len):
-        layer.cache.observe(layer, observe(layer, held, query, attention_mask, scaling, kwargs))
+        layer.cache.observe(module.layer_idx, observe(layer, held, query, attention_mask, scaling, kwargs))
     return output, None
 
 
@@ -162,14 +183,15 @@ def observe(
     positions = kwargs.get("position_ids")
     positions = query_slots if positions is None else positions.expand(batch, q_len)
     scale = scaling if scaling is not None else dim**-0.5
-    last_row = None if attention_mask is None else attention_mask[:, 0, -1, :]
+    # copies, not views: a view would keep the whole chunk's queries and mask alive until compression
+    last_row = None if attention_mask is None else attention_mask[:, 0, -1, :].clone()
     if last_row is not None and last_row.dtype != torch.bool:
         last_row = last_row > torch.finfo(last_row.dtype).min / 2
     window = min(recipe.observed_queries(), q_len)
     observation = Observation(
-        queries=query[:, :, q_len - window :],
-        query_positions=positions[:, q_len - window :],
-        query_slots=query_slots[:, q_len - window :],
+        queries=query[:, :, q_len - window :].clone(),
+        query_positions=positions[:, q_len - window :].clone(),
+        query_slots=query_slots[:, q_len - window :].clone(),
         scaling=scale,
         last_row=last_row,
         new_tokens=q_len,

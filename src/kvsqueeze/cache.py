@@ -162,9 +162,9 @@ class CompressedCache(Cache):
             memo = self._first_visible = (attention_mask, batch, first_visible(attention_mask, batch, device))
         return memo[2]
 
-    def observe(self, layer: PagedLayer, observation: Observation) -> None:
-        """Record what ``layer``'s attention saw during the current forward (for ``compress``)."""
-        self.observations[self.layers.index(layer)] = observation
+    def observe(self, layer_idx: int, observation: Observation) -> None:
+        """Record what layer ``layer_idx``'s attention saw during this forward (for ``compress``)."""
+        self.observations[layer_idx] = observation
 
     def end_forward(self) -> None:
         """After a forward: compress what it observed, let sliding layers drop what slid out of

@@ -88,6 +88,23 @@ def scoring_inputs(
     )
 
 
+def new_context_tokens(cache: CompressedCache, observed: list[tuple[int, Observation]]) -> torch.Tensor:
+    """``[B]`` context tokens the forward added per row: its tokens that are neither padding nor
+    protected, read off the mask row of a full-attention layer (a sliding layer's hides what is
+    outside its window)."""
+    index, observation = next(
+        ((i, obs) for i, obs in observed if cache.layers[i].window is None), observed[0]
+    )
+    seen, fed = cache.layers[index].seen, observation.new_tokens
+    slots = torch.arange(seen - fed, seen, device=observation.queries.device)
+    real = torch.ones(observation.queries.shape[0], fed, dtype=torch.bool, device=slots.device)
+    if observation.last_row is not None:
+        real = observation.last_row[:, seen - fed : seen]
+    if cache.protect_from is not None:
+        real = real & (slots < cache.protect_from)
+    return real.sum(-1)
+
+
 def compress(cache: CompressedCache) -> None:
     """Compress every layer the last forward observed, with the cache's recipe (see module doc)."""
     recipe = cache.recipe
@@ -96,7 +113,8 @@ def compress(cache: CompressedCache) -> None:
     if recipe is None or not observed:
         return
     demotes = recipe.quantizer is not None and recipe.quantizer.demotes
-    rankings, views, counted = [], [], False
+    cache.count_context(new_context_tokens(cache, observed))
+    rankings, views = [], []
     for index, observation in observed:
         layer: PagedLayer = cache.layers[index]
         view = layer.view()
@@ -104,10 +122,6 @@ def compress(cache: CompressedCache) -> None:
         protected = torch.zeros_like(inputs.valid)
         if cache.protect_from is not None:
             protected = inputs.valid & (view.slots >= cache.protect_from)
-        if not counted:  # the chunk's new context tokens raise the budget base, once per row
-            new = inputs.valid & ~protected & (view.slots >= layer.seen - observation.new_tokens)
-            cache.count_context(new[:, 0].sum(-1))
-            counted = True
         if demotes:  # quantized tokens were demoted or kept once: never decided again
             protected = protected | (inputs.valid & ~view.in_dense)
         rankings.append(recipe.rank(inputs, cache.context_tokens, protected, cache.budget_state))

@@ -3,9 +3,9 @@
 Query-agnostic (default): the context is prefilled and compressed before the question is seen,
 then the question is appended uncompressed — the realistic case for a context reused by many
 questions. Query-aware: context and question are prefilled together and the question tokens are
-protected, so scorers that look at recent queries (SnapKV) see the question. A scorer that
-reconstructs (KVzip) compresses the context on a pass of its own (``prefill_context``) and never
-sees the question, in either mode.
+protected, so scorers that look at recent queries (SnapKV) see the question. How a context is
+fed is the recipe's ``PrefillStrategy`` (``kvsqueeze.prefill``): chunk by chunk, or KVzip's
+reconstruction pass, which never sees the question, in either mode.
 """
 
 from __future__ import annotations

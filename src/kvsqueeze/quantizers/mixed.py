@@ -15,9 +15,11 @@ class MixedPrecision(Quantizer):
 
     With a scorer and a ratio (``snapkv+mixed@0.75``) the scorer's choice decides the precision
     instead of survival: the tokens it keeps age into the ``high_bits`` tier like any KIVI cache,
-    the ``ratio`` share it would evict is re-quantized once into the ``low_bits`` tier (MiKV's
-    "no token left behind"; ZipCache's salient/non-salient split). A token demoted stays low; the
-    tokens generated after compression enter the high tier. Without a ratio every token is high.
+    the ``ratio`` share it would evict is quantized once, from its 16-bit values, into the
+    ``low_bits`` tier (MiKV's "no token left behind"; ZipCache's salient/non-salient split). A
+    quantized token keeps its tier: later compression steps rank only the 16-bit tokens against
+    each other (the others are kept, never re-quantized). The tokens generated after compression
+    enter the high tier. Without a ratio every token is high.
 
     Parameters
     ----------

@@ -1,13 +1,13 @@
 """The model runner: owns the model and every KV tensor, runs on one worker thread.
 
 Each step (``step``): take new requests and cancellations from the inbox, admit what fits
-(``Scheduler``), prefill each admitted sequence into its own ``CompressedCache`` (context
-chunk-aligned and compressed, resumed from the prefix cache or a stored context when possible —
-or, for a reconstructing recipe (KVzip), whole then compressed by the engine's reconstruction
-pass; then the prompt tail uncompressed), stack it into the running batch, then decode the whole
-batch one token. Rows are aligned at their ends by ``CompressedCache.stack``; each row gets its
-own position ids and a 2D mask that is zero over its ``offsets`` columns. Finished, cancelled and
-preempted rows leave with ``batch_select_indices``.
+(``Scheduler``), prefill each admitted sequence into its own ``CompressedCache`` (the context as
+the recipe's ``PrefillStrategy`` feeds it, resumed from the prefix cache when the strategy passes
+through reusable chunk-boundary states, or from a stored context; then the prompt tail
+uncompressed), stack it into the running batch, then decode the whole batch one token. Rows are
+aligned at their ends by ``CompressedCache.stack``; each row gets its own position ids and a 2D
+mask that is zero over its ``offsets`` columns. Finished, cancelled and preempted rows leave with
+``batch_select_indices``.
 
 Results go out through each sequence's ``sink(event, value)`` (called on the worker thread):
 ``("token", id)``, ``("context", Entry)``, ``("done", info dict)``, ``("error", message)``.

@@ -173,8 +173,8 @@ class PagedLayer(CacheLayerMixin):
             dense.drop_front(dead)
 
     def held_lengths(self) -> torch.Tensor:
-        """``[B, Hkv]`` tokens each head holds, quantized ones included."""
-        held = self.dense.count
+        """``[B, Hkv]`` tokens each head holds, quantized ones included (a new tensor)."""
+        held = self.dense.count.clone()
         for tier in self.quantized:
             held = held + tier.count
         return held
@@ -313,7 +313,8 @@ class PagedLayer(CacheLayerMixin):
         if demote is not None:
             demote = demote & ~keep & held & view.in_dense
             if bool(demote.any()):
-                chosen = self._scatter_entries(view, demote)[:, :, -self.dense.longest :] & self.dense.held()
+                quantized_entries = sum(held.shape[-1] for held in self._held_masks()[:-1])
+                chosen = self._scatter_entries(view, demote)[:, :, quantized_entries:] & self.dense.held()
                 positions = self.dense.positions()[chosen]
                 moving = (
                     {name: self.dense.read(name, positions) for name in self.dense.token_fields},
@@ -328,6 +329,8 @@ class PagedLayer(CacheLayerMixin):
         if moving is not None:
             fields, chosen = moving
             self.quantized[0].add(fields, chosen.sum(-1))
+        for tier in self.tiers:
+            tier.release_slack()
 
     def _scatter_entries(self, view: LayerView, values: torch.Tensor) -> torch.Tensor:
         """A view-order tensor ``[B, H, L]`` laid out over the concatenated tier entries ``[B, H, E]``

@@ -4,8 +4,9 @@ A pool holds named fields whose first dimension indexes blocks: a per-token fiel
 ``[capacity, block_size, *F]`` (keys, codes, slots), a per-block field ``[capacity, *F]`` (a
 quantized block's per-channel scales, its fill count). Blocks are handed out by ``allocate`` and
 returned by ``free``; a free block keeps its stale contents until it is handed out again. The pool
-grows by doubling (one copy of this pool, never of the whole cache), so ids stay valid and every
-gather is a single index into each field.
+grows by a quarter at least (one copy of this pool, never of the whole cache; amortised O(1) per
+appended token), so ids stay valid and every gather is a single index into each field. A tier
+gives its slack back after eviction (``_Tier.release_slack``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class BlockPool:
     def allocate(self, count: int) -> torch.Tensor:
         """``count`` free block ids (int64), growing the pool if needed."""
         if count > self._free_count:
-            self._grow(max(2 * self.capacity, self.used + count, 4))
+            self._grow(max(self.capacity + self.capacity // 4, self.used + count, 4))
         start = self._free_count - count
         ids = self._free[start : self._free_count].flip(0)
         self._free_count = start

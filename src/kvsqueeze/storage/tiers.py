@@ -12,11 +12,13 @@ the field viewed as ``[capacity * block_size, *F]``.
   how many tokens it still holds at its first positions: evicting compacts within the block and
   never re-encodes it; a block left empty is freed.
 
-``export``/``from_export`` turn a tier into plain tensors holding only the blocks in use (and
-back): the form used to save, stack and split caches.
+``export``/``load`` turn a tier into plain tensors holding only the blocks in use (and back):
+the form used to save, stack, split and select batch rows.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,7 +41,7 @@ def gather_blocks(field: torch.Tensor, ids: torch.Tensor, out: torch.Tensor | No
     (advanced indexing ``field[ids]`` measured 3-5x slower on CPU); ``out`` (a flat buffer of at
     least that many elements) saves allocating the result, e.g. a large one at every decode step.
     """
-    flat = field.view(field.shape[0], -1)
+    flat = field.view(field.shape[0], math.prod(field.shape[1:]))
     index = ids.reshape(-1)
     if out is None:
         picked = torch.index_select(flat, 0, index)
@@ -137,27 +139,35 @@ class _Tier:
         renumbered = torch.full_like(table, -1)
         renumbered[used] = torch.arange(ids.numel(), device=table.device)
         exported = {
-            f"{'token' if name in self.token_fields else 'block'}.{name}": field[ids]
+            f"{'token' if name in self.token_fields else 'block'}.{name}": gather_blocks(field, ids)
             for name, field in self.pool.fields.items()
         }
         exported["table"] = renumbered
         exported.update({name: t.clone() for name, t in per_head.items()})
         return exported
 
+    def release_slack(self) -> None:
+        """Give free blocks back when they are more than a sixteenth of those in use (after an
+        eviction): the blocks in use move to a pool of exactly their size."""
+        pool = self.pool
+        if pool.capacity - pool.used > max(pool.used // 16, 8):
+            self.load(self.export(), copy=False)
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (any order, repeats allowed); every row gets its own copy of
         its blocks, so no two rows share one."""
-        self.load(self.export(rows=index))
+        self.load(self.export(rows=index), copy=False)
 
-    def load(self, exported: dict[str, torch.Tensor]) -> None:
-        """Take the blocks of ``export()`` (or of several, stacked) as this tier's whole pool."""
+    def load(self, exported: dict[str, torch.Tensor], copy: bool = True) -> None:
+        """Take the blocks of ``export()`` (or of several, stacked) as this tier's whole pool;
+        ``copy=False`` when nobody else holds ``exported`` (one of our own exports)."""
         pool = self.pool
         fields = {}
         self.token_fields = []
         for key, t in exported.items():
             kind, _, name = key.partition(".")
             if kind in ("token", "block"):
-                fields[name] = t.clone()
+                fields[name] = t.clone() if copy else t
                 if kind == "token":
                     self.token_fields.append(name)
         pool.fields = fields
@@ -219,8 +229,8 @@ class DenseTier(_Tier):
             blocks, offsets = self.table.gather(2, index // size), index % size
         for name, values in fields.items():
             field = self.pool.fields[name]
-            field[blocks, offsets] = values.to(field.dtype)
-        self.count = self.count + q
+            field[blocks, offsets] = values if values.dtype == field.dtype else values.to(field.dtype)
+        self.count.add_(q)  # in place: a decode step allocates nothing it does not store
         self.longest += q
 
     def positions(self) -> torch.Tensor:
@@ -267,9 +277,7 @@ class DenseTier(_Tier):
             if blocks <= 0:
                 return
             self.pool.free(self.table[:, :, :blocks])
-            self.table = torch.cat(
-                [self.table[:, :, blocks:], torch.zeros_like(self.table[:, :, :blocks])], 2
-            )
+            self.table = self.table[:, :, blocks:].contiguous()
             self.count = self.count - blocks * size
             self.longest -= blocks * size
             return
@@ -293,8 +301,8 @@ class DenseTier(_Tier):
         self.longest -= remove
         self._trim_columns()
 
-    def load(self, exported: dict[str, torch.Tensor]) -> None:
-        super().load(exported)
+    def load(self, exported: dict[str, torch.Tensor], copy: bool = True) -> None:
+        super().load(exported, copy)
         self._refresh()
 
 
@@ -410,8 +418,8 @@ class QuantizedTier(_Tier):
         self.widest = int(self.blocks.max()) if self.blocks.numel() else 0
         self._trim_columns()
 
-    def load(self, exported: dict[str, torch.Tensor]) -> None:
-        super().load(exported)
+    def load(self, exported: dict[str, torch.Tensor], copy: bool = True) -> None:
+        super().load(exported, copy)
         self.block_fields = [key.partition(".")[2] for key in exported if key.startswith("block.")]
         self.block_fields.remove("fill")
         self.blocks = exported["blocks"].clone()
