@@ -62,10 +62,11 @@ from rich.table import Table
 from transformers import DynamicCache
 
 from kvsqueeze import CompressedCache, Recipe, install, load_model, prefill_context
-from kvsqueeze.engine import positions_from_mask, prefill
+from kvsqueeze.engine import decode_step, prefill
 from kvsqueeze.eval.tasks import parse_length
 from kvsqueeze.eval.text import PROSE_SOURCE, prose_paragraphs
 from kvsqueeze.models import kv_cache_spec, max_context_length
+from kvsqueeze.prefill import left_pad, positions_from_mask
 from kvsqueeze.recipe import split_recipes
 
 DYNAMIC = "DynamicCache"
@@ -94,19 +95,9 @@ def context_rows(tokens: list[int], lengths: list[int]) -> list[list[int]]:
     return rows
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids, mask
-
-
 def use_attention(model, name: str) -> None:
-    """Stock SDPA for DynamicCache; kvsqueeze's attention (plain SDPA while nothing is evicted,
-    but with the mask materialised) for the kvsqueeze caches."""
+    """Stock SDPA for DynamicCache; kvsqueeze's attention over the paged blocks (the CPU decode
+    kernel when it is built) for the kvsqueeze caches."""
     if name == DYNAMIC:
         model.set_attn_implementation("sdpa")
     else:
@@ -140,22 +131,11 @@ def timed_decode(
     model, cache, logits: torch.Tensor, mask: torch.Tensor, warmup: int, steps: int
 ) -> list[float]:
     """Milliseconds of each greedy decode step after the ``warmup`` first ones."""
-    batch = mask.shape[0]
-    tokens = logits.argmax(-1)
     positions = positions_from_mask(mask)[:, -1:]
     times = []
     for _ in range(warmup + steps):
         start = time.perf_counter()
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        positions = positions + 1
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        tokens = out.logits[:, -1].argmax(-1)
+        logits, mask, positions = decode_step(model, cache, logits.argmax(-1), mask, positions)
         times.append(1000 * (time.perf_counter() - start))
     return times[warmup:]
 

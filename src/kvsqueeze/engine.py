@@ -132,17 +132,29 @@ def decode(
         done |= torch.isin(tokens.cpu(), eos)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-        positions = positions + 1
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]
+        logits, mask, positions = decode_step(model, cache, tokens, mask, positions)
     return outputs
+
+
+def decode_step(
+    model: PreTrainedModel,
+    cache: CompressedCache,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feed one token per row (``tokens [B]``) after ``mask [B, n]`` whose last position per row
+    is ``positions [B, 1]``: ``(next logits [B, vocab], mask [B, n + 1], positions + 1)``."""
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    positions = positions + 1
+    out = model(
+        input_ids=tokens[:, None],
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits[:, -1], mask, positions
 
 
 def generate(
