@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
@@ -138,7 +138,7 @@ def decode(
 
 def decode_step(
     model: PreTrainedModel,
-    cache: CompressedCache,
+    cache: Cache,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     positions: torch.Tensor,
