@@ -11,6 +11,7 @@ from kvsqueeze import generate
 from kvsqueeze.cli import main
 from kvsqueeze.engine import continuation_logits, generate_multiturn
 from kvsqueeze.eval import runner as runner_module
+from kvsqueeze.eval.intervals import bootstrap_mean, paired_ratio, wilson
 from kvsqueeze.eval.metrics import fidelity
 from kvsqueeze.eval.report import summarize
 from kvsqueeze.eval.runner import EvalConfig, EvalError, load_records, run_eval
@@ -173,11 +174,36 @@ def test_report_renders_from_saved_lines(tmp_path):
     assert rows["snapkv@0.5"]["relative"] == pytest.approx(0.5)
     assert rows["snapkv@0.75"]["tasks"] == {"passkey": 0.0} and not rows["snapkv@0.75"]["complete"]
 
+    # intervals: the mean over tasks resampled within each task, vs full paired on the same samples
+    snapkv_strata, full_strata = [[1.0, 0.0], [0.4], [0.25]], [[1.0, 1.0], [0.8], [0.5]]
+    assert rows["snapkv@0.5"]["interval"] == bootstrap_mean(snapkv_strata)
+    assert rows["snapkv@0.5"]["relative_interval"] == paired_ratio(snapkv_strata, full_strata)
+    assert rows["snapkv@0.5"]["task_intervals"]["passkey"] == wilson(1, 2)
+    assert rows["full"]["relative_interval"].low == rows["full"]["relative_interval"].high == 1.0
+
     assert main(["eval", "report", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| `snapkv@0.5` | 50.0 | 40.0 | 25.0 | 38.3 | 0.50 | 49.0% | 2.0x | float32 | 4 |" in summary
-    assert "| `snapkv@0.5` | 100.0 | 0.0 | 1 |" in summary  # multi-turn: turn 1 vs later turns
-    assert "| `snapkv@0.5` | 0.700 | 50.0% | 14.00 | 50.0% | 1 |" in summary
+    mean_low, mean_high = (
+        100 * v for v in (rows["snapkv@0.5"]["interval"].low, rows["snapkv@0.5"]["interval"].high)
+    )
+    relative = rows["snapkv@0.5"]["relative_interval"]
+    assert (
+        f"| `snapkv@0.5` | 38.3 [{mean_low:.1f}, {mean_high:.1f}] "
+        f"| 0.50 [{relative.low:.2f}, {relative.high:.2f}] | 49.0% | 2.0x | float32 | 4 |"
+    ) in summary
+    passkey = wilson(1, 2)
+    assert (
+        f"| `snapkv@0.5` | 50.0 [{100 * passkey.low:.1f}, {100 * passkey.high:.1f}] (n=2) "
+        "| 40.0 [40.0, 40.0] (n=1) |" in summary
+    )
+    assert "| `snapkv@0.75` | 0.0 [0.0, 79.3] (n=1) | – | – |" in summary  # Wilson for 0 of 1
+    # multi-turn: turn 1 vs later turns (one value per prompt)
+    assert "| `snapkv@0.5` | 100.0 [20.7, 100.0] | 0.0 [0.0, 79.3] | 1 |" in summary
+    assert (
+        "| `snapkv@0.5` | 0.700 [0.700, 0.700] | 50.0 [50.0, 50.0] | 14.00 [14.00, 14.00] | 50.0% | 1 |"
+        in summary
+    )
+    assert "Target" not in summary
     for name in ("score_vs_ratio.png", "needle_heatmap.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in summary
@@ -249,3 +275,36 @@ def test_real_model_eval_passkey_full_answers(real_model, tmp_path):
     assert full["recipe"] == "full" and full["score"] == 1.0, full["prediction"]
     assert snapkv["mode"] == "query-aware" and 0.70 < snapkv["compression_ratio"] < 0.75
     assert abs(full["prompt_tokens"] - 512) <= 0.05 * 512
+
+
+def _saved_lines(tmp_path, full, recipe):
+    records = [_record("full", "vt", i, score, 0.0) for i, score in enumerate(full)]
+    records += [_record("snapkv@0.5", "vt", i, score, 0.49) for i, score in enumerate(recipe)]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_report_says_which_recipe_meets_a_target_by_its_interval(tmp_path, capsys):
+    full = [0.8, 0.6, 1.0, 0.4, 0.8, 0.6, 1.0, 0.4, 0.8, 0.6]
+    _saved_lines(tmp_path, full, [score * 0.96 for score in full])  # every sample at 0.96 of full
+    assert main(["eval", "report", str(tmp_path), "--no-plots", "--target-vs-full", "0.95"]) == 0
+    out = capsys.readouterr().out
+    assert "### Target: vs full ≥ 0.95 (query-agnostic)" in out
+    assert "| `snapkv@0.5` | 0.96 [0.96, 0.96] | 10 | yes |" in out
+    assert "| `full` |" not in out.split("### Target")[1].split("\n\n")[2]
+
+    _saved_lines(tmp_path, full, [0.0, *full[1:]])  # 0.89 of full, one answer lost
+    assert main(["eval", "report", str(tmp_path), "--no-plots", "--target-vs-full", "0.8"]) == 0
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| `snapkv@0.5` | 0.89 [")
+    ]
+    assert lines[-1].endswith("| 10 | no |")  # the point clears 0.8, the interval's lower end does not
+    assert "0.89 [" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("target", ["0", "1.5", "-0.2", "nan"])
+def test_report_target_out_of_range_is_one_error_line(target, tmp_path, capsys):
+    _saved_lines(tmp_path, [1.0, 0.5], [1.0, 0.5])
+    assert main(["eval", "report", str(tmp_path), "--target-vs-full", target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --target-vs-full must be in (0, 1]") and err.count("\n") == 1
+    assert not (tmp_path / "summary.md").exists()

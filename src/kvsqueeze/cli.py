@@ -202,6 +202,13 @@ def _add_eval_parser(commands) -> None:
     )
     report.add_argument("dir", type=Path, metavar="DIR", help="an output directory of `kvsqueeze eval`")
     report.add_argument("--no-plots", action="store_true", help="write the summary table only")
+    report.add_argument(
+        "--target-vs-full",
+        type=float,
+        metavar="X",
+        help="say per recipe whether the lower end of its 95%% vs-full interval is at least X, "
+        "a fraction of the full cache's score in (0, 1]",
+    )
     add_calibrate_command(commands)
     add_serve_command(commands)
 
@@ -287,7 +294,12 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
     if args.eval_command == "report":
         if not (args.dir / "results.jsonl").exists():
             raise UsageError(f"{args.dir} has no results.jsonl")
-        markdown, images = write_report(args.dir, plots=not args.no_plots)
+        target = args.target_vs_full
+        if target is not None and not 0 < target <= 1:
+            raise UsageError(
+                f"--target-vs-full must be in (0, 1], a fraction of the full score; got {target:g}"
+            )
+        markdown, images = write_report(args.dir, plots=not args.no_plots, target_vs_full=target)
         print(markdown)
         for image in images:
             console.print(f"wrote {image}", highlight=False)

@@ -2,7 +2,8 @@
 
 - ``score_vs_ratio[-MODE].png``: mean score over tasks against the real reduction of KV bytes
   against a 16-bit full cache (the papers' reference; older records without 16-bit bytes: the
-  compression ratio in the model's dtype), one line per method, the full cache dashed.
+  compression ratio in the model's dtype), one line per method with 95% error bars, the full cache
+  dashed with its interval shaded.
 - ``needle_heatmap[-MODE].png``: score of the single-needle tasks by needle depth x context
   length, one panel per recipe (rows: methods, columns: ratios).
 """
@@ -51,16 +52,23 @@ def _score_vs_ratio(block: dict, mode: str, path: Path) -> Path:
     sixteen = all(row["reduction_16bit"] is not None for row in block["rows"].values())
     lines = defaultdict(list)
     for recipe, row in block["rows"].items():
-        if recipe != FULL and row["mean"] is not None:
+        if recipe != FULL:
             x = row["reduction_16bit"] if sixteen else 100 * row["ratio"]
-            lines[_method(recipe)].append((x, 100 * row["mean"]))
+            interval = row["interval"]
+            lines[_method(recipe)].append((x, 100 * row["mean"], 100 * interval.low, 100 * interval.high))
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     cmap = plt.get_cmap("tab10" if len(lines) <= 10 else "tab20")
     for i, (method, points) in enumerate(sorted(lines.items())):
-        points.sort()
-        ax.plot(*zip(*points, strict=True), marker="o", label=method, color=cmap(i % cmap.N))
+        xs, ys, lows, highs = zip(*sorted(points), strict=True)
+        errors = [
+            [y - low for y, low in zip(ys, lows, strict=True)],
+            [h - y for y, h in zip(ys, highs, strict=True)],
+        ]
+        ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method, color=cmap(i % cmap.N))
     if block["full_mean"] is not None:
         ax.axhline(100 * block["full_mean"], color="black", linestyle="--", linewidth=1.2, label="full cache")
+        full = block["full_interval"]
+        ax.axhspan(100 * full.low, 100 * full.high, color="black", alpha=0.08, linewidth=0)
     if sixteen:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
@@ -69,7 +77,7 @@ def _score_vs_ratio(block: dict, mode: str, path: Path) -> Path:
         ax.set_xlabel("real compression ratio (% of KV bytes removed)")
     ax.set_ylabel("mean score over tasks (%)")
     tasks = ", ".join(block["tasks"])
-    ax.set_title(f"Score vs compression ({mode})\n{tasks}", fontsize=9)
+    ax.set_title(f"Score vs compression ({mode}), 95% intervals\n{tasks}", fontsize=9)
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

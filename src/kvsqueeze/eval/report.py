@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from kvsqueeze.eval.intervals import RESAMPLES, SEED, Interval, bootstrap_mean, mean_interval, paired_ratio
 from kvsqueeze.eval.runner import FULL, load_records
 from kvsqueeze.eval.tasks import FIDELITY, TASKS
 
@@ -46,10 +47,6 @@ def matched(records: list[dict]) -> list[dict]:
     return [r for r in records if _sample_id(r) in baseline]
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
 def _label_lengths(lengths: list[int]) -> str:
     return ", ".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in sorted(lengths))
 
@@ -63,44 +60,70 @@ def reduction_16bit(records: list[dict]) -> float | None:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per (mode, recipe): mean score per task, mean over tasks, relative to full, ratio, samples."""
+    """Per (mode, recipe): mean score per task, mean over tasks, relative to full (each with its
+    95% interval, see ``kvsqueeze.eval.intervals``), ratio, samples."""
     records = [r for r in matched(records) if r["task"] != FIDELITY]
     table: dict = {}
     for mode in _order(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
         tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
-        per = defaultdict(list)
-        for r in rows:
-            per[(r["recipe"], r["task"])].append(r["score"])
+        full_score = {_sample_id(r): r["score"] for r in rows if r["recipe"] == FULL}
         out = {}
         for recipe in recipe_order(rows):
-            scores = {t: mean(per[(recipe, t)]) for t in tasks if per[(recipe, t)]}
             mine = [r for r in rows if r["recipe"] == recipe]
+            by_task = {t: [r for r in mine if r["task"] == t] for t in tasks}
+            by_task = {t: task_rows for t, task_rows in by_task.items() if task_rows}
+            scores = {t: [r["score"] for r in task_rows] for t, task_rows in by_task.items()}
+            # relative to full on exactly this recipe's samples (a partial run compares like with like)
+            baseline = [[full_score[_sample_id(r)] for r in task_rows] for task_rows in by_task.values()]
+            row_mean = mean(mean(s) for s in scores.values())
+            base = mean(mean(b) for b in baseline)
             out[recipe] = {
-                "tasks": scores,
-                "mean": mean(scores.values()) if scores else None,
+                "tasks": {t: mean(s) for t, s in scores.items()},
+                "task_intervals": {t: mean_interval([s]) for t, s in scores.items()},
+                "task_samples": {t: len(s) for t, s in scores.items()},
+                "mean": row_mean,
+                "interval": mean_interval(list(scores.values())),
+                "relative": row_mean / base if base > 0 else None,
+                "relative_interval": paired_ratio(list(scores.values()), baseline) if base > 0 else None,
                 "ratio": mean(r["compression_ratio"] for r in mine),
                 "reduction_16bit": reduction_16bit(mine),
                 "kv_dtype": mine[0]["kv_dtype"],
                 "samples": len(mine),
                 "complete": len(scores) == len(tasks),
             }
-        full_mean = out.get(FULL, {}).get("mean")
-        full_score = {_sample_id(r): r["score"] for r in rows if r["recipe"] == FULL}
-        for recipe, row in out.items():
-            # relative to full on exactly this recipe's samples (a partial run compares like with like)
-            base_per = defaultdict(list)
-            for r in rows:
-                if r["recipe"] == recipe:
-                    base_per[r["task"]].append(full_score[_sample_id(r)])
-            base = mean(mean(v) for v in base_per.values()) if base_per else 0.0
-            row["relative"] = row["mean"] / base if row["mean"] is not None and base > 0 else None
-        table[mode] = {"tasks": tasks, "rows": out, "full_mean": full_mean}
+        full_row = out.get(FULL, {})
+        table[mode] = {
+            "tasks": tasks,
+            "rows": out,
+            "full_mean": full_row.get("mean"),
+            "full_interval": full_row.get("interval"),
+        }
     return table
 
 
-def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
-    """Markdown tables: scores per task, by length, multi-turn turns, fidelity; plot links."""
+def _with_interval(value: float, interval: Interval, scale: float = 100.0, digits: int = 1) -> str:
+    return (
+        f"{scale * value:.{digits}f} [{scale * interval.low:.{digits}f}, {scale * interval.high:.{digits}f}]"
+    )
+
+
+def _score_cell(scores: list[float]) -> str:
+    """``73.3 [58.1, 86.7] (n=30)``: a mean score (%), its 95% interval, the prompts it rests on."""
+    return f"{_with_interval(mean(scores), mean_interval([scores]))} (n={len(scores)})"
+
+
+def _relative_cell(row: dict) -> str:
+    if row["relative"] is None:
+        return "–"
+    return _with_interval(row["relative"], row["relative_interval"], scale=1.0, digits=2)
+
+
+def summary_markdown(
+    records: list[dict], title: str = "kvsqueeze eval", target_vs_full: float | None = None
+) -> str:
+    """Markdown tables: scores with 95% intervals, per task, by length, multi-turn turns, fidelity,
+    and, given ``target_vs_full``, which recipes meet it; plot links."""
     if not records:
         return f"# {title}\n\nNo results yet.\n"
     first = records[0]
@@ -117,6 +140,11 @@ def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
         "indices unchanged), the papers' reference. **vs full** = mean score / full-cache mean on the "
         "same samples.",
         "",
+        f"**[low, high]** = 95% interval; **n** = the prompts a value rests on. A pass rate (one task, "
+        f"every score 0 or 1) gets a Wilson interval; other means a percentile bootstrap over prompts "
+        f"({RESAMPLES:,} resamples, seed {SEED}, resampled within each task); **vs full** a paired "
+        "bootstrap: each resample draws prompts and reads the recipe and the full cache on the same ones.",
+        "",
     ]
     for mode, block in summarize(records).items():
         tasks = block["tasks"]
@@ -125,35 +153,58 @@ def summary_markdown(records: list[dict], title: str = "kvsqueeze eval") -> str:
             lines += ["The context is compressed before the question is seen.", ""]
         else:
             lines += ["The context is compressed with the (first) question visible and protected.", ""]
-        header = ["recipe", *tasks, "mean", "vs full", "ratio", "x 16-bit", "KV dtype", "n"]
+        header = ["recipe", "mean", "vs full", "ratio", "x 16-bit", "KV dtype", "n"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for recipe, row in block["rows"].items():
-            cells = [_pct(row["tasks"].get(t)) for t in tasks]
-            relative = "–" if row["relative"] is None else f"{row['relative']:.2f}"
-            mean_cell = _pct(row["mean"]) + ("" if row["complete"] else "*")
-            lines.append(
-                "| "
-                + " | ".join(
-                    [
-                        f"`{recipe}`",
-                        *cells,
-                        mean_cell,
-                        relative,
-                        f"{100 * row['ratio']:.1f}%",
-                        "–" if row["reduction_16bit"] is None else f"{row['reduction_16bit']:.1f}x",
-                        row["kv_dtype"],
-                        str(row["samples"]),
-                    ]
-                )
-                + " |"
-            )
+            mean_cell = _with_interval(row["mean"], row["interval"]) + ("" if row["complete"] else "*")
+            cells = [
+                f"`{recipe}`",
+                mean_cell,
+                _relative_cell(row),
+                f"{100 * row['ratio']:.1f}%",
+                "–" if row["reduction_16bit"] is None else f"{row['reduction_16bit']:.1f}x",
+                row["kv_dtype"],
+                str(row["samples"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
         if any(not row["complete"] for row in block["rows"].values()):
             lines += ["", "\\* not every task finished for this recipe: mean over the finished ones."]
+        lines += ["", f"### Per task ({mode})", "", "| recipe | " + " | ".join(tasks) + " |"]
+        lines.append("|" + "---|" * (len(tasks) + 1))
+        for recipe, row in block["rows"].items():
+            cells = [
+                f"{_with_interval(row['tasks'][t], row['task_intervals'][t])} (n={row['task_samples'][t]})"
+                if t in row["tasks"]
+                else "–"
+                for t in tasks
+            ]
+            lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
         lines.append("")
+        if target_vs_full is not None:
+            lines += _target(block, mode, target_vs_full)
         lines += _by_length(records, mode)
         lines += _multiturn(records, mode)
     lines += _fidelity(records)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _target(block: dict, mode: str, target: float) -> list[str]:
+    lines = [
+        f"### Target: vs full ≥ {target:g} ({mode})",
+        "",
+        f"A recipe meets it when the lower end of its 95% vs-full interval is at least {target:g}.",
+        "",
+        "| recipe | vs full | n | meets |",
+        "|---|---|---|---|",
+    ]
+    for recipe, row in block["rows"].items():
+        if recipe == FULL:
+            continue
+        meets = row["relative_interval"] is not None and row["relative_interval"].clears(target)
+        lines.append(
+            f"| `{recipe}` | {_relative_cell(row)} | {row['samples']} | {'yes' if meets else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def _by_length(records: list[dict], mode: str) -> list[str]:
@@ -167,7 +218,7 @@ def _by_length(records: list[dict], mode: str) -> list[str]:
     lines = [f"### Mean score by length ({mode})", "", "| recipe | " + " | ".join(map(str, lengths)) + " |"]
     lines.append("|" + "---|" * (len(lengths) + 1))
     for recipe in recipe_order(rows):
-        cells = [_pct(mean(per[(recipe, n)])) if per[(recipe, n)] else "–" for n in lengths]
+        cells = [_score_cell(per[(recipe, n)]) if per[(recipe, n)] else "–" for n in lengths]
         lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -187,9 +238,11 @@ def _multiturn(records: list[dict], mode: str) -> list[str]:
     ]
     for recipe in recipe_order(rows):
         mine = [r for r in rows if r["recipe"] == recipe]
-        first = mean(r["turn_scores"][0] for r in mine)
-        later = mean(s for r in mine for s in r["turn_scores"][1:])
-        lines.append(f"| `{recipe}` | {_pct(first)} | {_pct(later)} | {len(mine)} |")
+        first = [r["turn_scores"][0] for r in mine]
+        # one value per prompt: its later turns share one compressed context
+        later = [mean(r["turn_scores"][1:]) for r in mine]
+        first_cell, later_cell = (_with_interval(mean(s), mean_interval([s])) for s in (first, later))
+        lines.append(f"| `{recipe}` | {first_cell} | {later_cell} | {len(mine)} |")
     return [*lines, ""]
 
 
@@ -203,22 +256,31 @@ def _fidelity(records: list[dict]) -> list[str]:
         "",
         f"English prose: a context prefix is compressed, then {tokens} held tokens are teacher-forced. "
         "KL(full ‖ compressed) per token in nats, top-1 agreement with the full cache, perplexity "
-        "of the held tokens (full-cache perplexity in the first row).",
+        "of the held tokens (full-cache perplexity in the first row); bootstrap intervals over windows.",
         "",
-        "| recipe | KL | top-1 agree | perplexity | ratio | n |",
+        "| recipe | KL | top-1 agree (%) | perplexity | ratio | n |",
         "|---|---|---|---|---|---|",
     ]
     for recipe in recipe_order(rows):
         mine = [r for r in rows if r["recipe"] == recipe]
+        kl, top1, ppl = (
+            _mean_with_bootstrap([r[name] for r in mine], scale, digits)
+            for name, scale, digits in (("kl", 1.0, 3), ("top1", 100.0, 1), ("ppl", 1.0, 2))
+        )
         lines.append(
-            f"| `{recipe}` | {mean(r['kl'] for r in mine):.3f} | {_pct(mean(r['top1'] for r in mine))}% "
-            f"| {mean(r['ppl'] for r in mine):.2f} | {100 * mean(r['compression_ratio'] for r in mine):.1f}% "
+            f"| `{recipe}` | {kl} | {top1} | {ppl} | {100 * mean(r['compression_ratio'] for r in mine):.1f}% "
             f"| {len(mine)} |"
         )
     return [*lines, ""]
 
 
-def write_report(out_dir: Path, title: str = "kvsqueeze eval", plots: bool = True) -> tuple[str, list[Path]]:
+def _mean_with_bootstrap(values: list[float], scale: float, digits: int) -> str:
+    return _with_interval(mean(values), bootstrap_mean([values]), scale, digits)
+
+
+def write_report(
+    out_dir: Path, title: str = "kvsqueeze eval", plots: bool = True, target_vs_full: float | None = None
+) -> tuple[str, list[Path]]:
     """Write ``summary.md`` (and the PNG plots) in ``out_dir`` from its ``results.jsonl``."""
     out_dir = Path(out_dir)
     records = load_records(out_dir)
@@ -227,7 +289,7 @@ def write_report(out_dir: Path, title: str = "kvsqueeze eval", plots: bool = Tru
         from kvsqueeze.eval.plots import write_plots
 
         images = write_plots(records, out_dir)
-    markdown = summary_markdown(records, title)
+    markdown = summary_markdown(records, title, target_vs_full)
     if images:
         markdown += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in images) + "\n"
     (out_dir / SUMMARY).write_text(markdown, encoding="utf-8")
