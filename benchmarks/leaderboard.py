@@ -4,7 +4,7 @@ Runs ``kvsqueeze eval --preset leaderboard`` (query-agnostic; add ``--query-awar
 mode) and writes ``results.jsonl``, ``summary.md`` and the PNG plots to ``docs/leaderboard`` (or
 ``--out``). Resumable: rerun to finish an interrupted run. Prints the wall time.
 
-    .venv/bin/python benchmarks/leaderboard.py [--out DIR] [--query-aware]
+    .venv/bin/python benchmarks/leaderboard.py [--out DIR] [--query-aware] [--chunk-size N]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 
 from kvsqueeze.cli import main as kvsqueeze_main
 from kvsqueeze.eval import leaderboard
+from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 
 
 def main() -> int:
@@ -23,8 +24,15 @@ def main() -> int:
         "--out", default=leaderboard.OUT_DIR, help=f"output dir (default {leaderboard.OUT_DIR})"
     )
     parser.add_argument("--query-aware", action="store_true", help="compress with the question visible")
+    parser.add_argument(
+        "--chunk-size",
+        default=str(DEFAULT_CHUNK_SIZE),
+        metavar="N",
+        help=f"prefill chunk (default {DEFAULT_CHUNK_SIZE}, the server's; 0 = the whole context at once, "
+        "as the docs/leaderboard run)",
+    )
     args = parser.parse_args()
-    argv = ["eval", "--preset", "leaderboard", "--out", args.out]
+    argv = ["eval", "--preset", "leaderboard", "--out", args.out, "--chunk-size", args.chunk_size]
     if args.query_aware:
         argv.append("--query-aware")
     start = time.perf_counter()

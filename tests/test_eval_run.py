@@ -13,7 +13,7 @@ from kvsqueeze.engine import continuation_logits, generate_multiturn
 from kvsqueeze.eval import runner as runner_module
 from kvsqueeze.eval.intervals import bootstrap_mean, paired_ratio, wilson
 from kvsqueeze.eval.metrics import fidelity
-from kvsqueeze.eval.report import summarize
+from kvsqueeze.eval.report import prefill_label, summarize
 from kvsqueeze.eval.runner import EvalConfig, EvalError, load_records, run_eval
 
 CONTEXT = "The museum opens at nine. " * 30 + "The secret word is pelican. " + "Tea is served at four. " * 30
@@ -93,6 +93,7 @@ def test_eval_runs_every_recipe_on_the_same_samples_and_resumes(tiny, tmp_path):
     passkey = next(r for r in records if r["task"] == "passkey")
     for field in ("prediction", "answers", "score", "kv_bytes", "kv_bytes_full", "prefill_seconds", "mode"):
         assert field in passkey
+    assert all(r["chunk_size"] is None for r in records)
     multiturn = next(r for r in records if r["task"] == "multiturn")
     assert len(multiturn["turn_scores"]) == 4 == len(multiturn["prediction"])
     fid = next(r for r in records if r["task"] == "fidelity" and r["recipe"] == "snapkv@0.5")
@@ -203,7 +204,7 @@ def test_report_renders_from_saved_lines(tmp_path):
         "| `snapkv@0.5` | 0.700 [0.700, 0.700] | 50.0 [50.0, 50.0] | 14.00 [14.00, 14.00] | 50.0% | 1 |"
         in summary
     )
-    assert "Target" not in summary
+    assert "prefill: not recorded" in summary and "Target" not in summary
     for name in ("score_vs_ratio.png", "needle_heatmap.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in summary
@@ -249,6 +250,7 @@ def test_eval_commands_have_help(command, capsys):
         (["--recipes", "full,snapkvv@0.5"], "did you mean 'snapkv'"),
         (["--recipes", "snapkv@1.5"], "ratio must be in [0, 1)"),
         (["--samples", "0"], "--samples must be at least 1"),
+        (["--chunk-size", "-1"], "--chunk-size must be a number of tokens"),
     ],
 )
 def test_eval_bad_input_is_one_error_line(args, message, tmp_path, capsys):
@@ -308,3 +310,41 @@ def test_report_target_out_of_range_is_one_error_line(target, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --target-vs-full must be in (0, 1]") and err.count("\n") == 1
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_old_lines_take_the_chunk_size_of_their_config(tmp_path):
+    _saved_lines(tmp_path, [1.0], [1.0])
+    assert prefill_label(load_records(tmp_path)) == "not recorded"
+    (tmp_path / "config.json").write_text(json.dumps({"chunk_size": None}))
+    assert prefill_label(load_records(tmp_path)) == "the whole context in one forward"
+    mixed = [{"chunk_size": 256}, {"chunk_size": None}, {}]
+    assert prefill_label(mixed) == "chunks of 256 tokens; the whole context in one forward; not recorded"
+
+
+def _longest_forward(model):
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    return seen, handle
+
+
+@pytest.mark.parametrize(
+    ("option", "chunk", "label"),
+    [([], 256, "chunks of 256 tokens"), (["0"], None, "the whole context in one forward")],
+)
+def test_eval_prefills_in_the_servers_chunks_unless_told(
+    option, chunk, label, tiny, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr("kvsqueeze.cli.load_model", lambda *args, **kwargs: tiny)
+    seen, handle = _longest_forward(tiny[0])
+    args = ["eval", "--tasks", "passkey", "--lengths", "640", "--samples", "1", "--recipes", "snapkv@0.5"]
+    args += ["--out", str(tmp_path), "--no-plots", "--max-new-tokens", "2"]
+    try:
+        assert main(args + (["--chunk-size", *option] if option else [])) == 0
+    finally:
+        handle.remove()
+    records = load_records(tmp_path)
+    assert [r["chunk_size"] for r in records] == [chunk, chunk]
+    assert (max(seen) <= 256) == (chunk == 256) and max(seen) > 0
+    assert f"prefill: {label}." in capsys.readouterr().out

@@ -19,6 +19,7 @@ from kvsqueeze.engine import ContextTooLongError, GenerationResult, generate
 from kvsqueeze.eval.runner import EvalError
 from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
+from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, RecipeError, split_recipes
 from kvsqueeze.scorers import SCORERS
@@ -189,9 +190,10 @@ def _add_eval_parser(commands) -> None:
     ev.add_argument(
         "--chunk-size",
         type=int,
-        default=None,
+        default=DEFAULT_CHUNK_SIZE,
         metavar="N",
-        help="prefill contexts N tokens at a time, compressing after each chunk",
+        help="prefill contexts N tokens at a time, compressing after each chunk, as `kvsqueeze serve` "
+        f"does (default {DEFAULT_CHUNK_SIZE}, the server's); 0 = the whole context in one forward",
     )
     ev.add_argument("--dtype", default="float32", help="model dtype (default float32: bf16 is slow on CPUs)")
     sub = ev.add_subparsers(dest="eval_command", title="subcommand (optional)", metavar="report DIR")
@@ -318,8 +320,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
             "seed": args.seed,
         }
         out = args.out
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise UsageError("--chunk-size must be a positive number of tokens")
+    if args.chunk_size < 0:
+        raise UsageError("--chunk-size must be a number of tokens (0 = the whole context at once)")
     if args.fidelity_tokens < 2:
         raise UsageError("--fidelity-tokens must be at least 2")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
@@ -329,7 +331,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         query_aware=args.query_aware,
         model=args.model,
         dtype=args.dtype,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size or None,
         fidelity_tokens=args.fidelity_tokens,
         max_new_tokens=args.max_new_tokens,
     )

@@ -27,6 +27,10 @@ from kvsqueeze.models import chat_prompt, max_context_length
 if TYPE_CHECKING:
     from kvsqueeze.cache import CompressedCache
 
+# the server's context chunk (and prefix-reuse block); eval defaults to it, so scores are measured
+# on the prefill that is served
+DEFAULT_CHUNK_SIZE = 256
+
 
 class ContextTooLongError(ValueError):
     """The prompt plus the tokens to generate exceed what the model supports."""

@@ -15,6 +15,7 @@ from kvsqueeze.eval.runner import FULL, load_records
 from kvsqueeze.eval.tasks import FIDELITY, TASKS
 
 SUMMARY = "summary.md"
+_UNRECORDED = "not recorded"
 
 
 def _sample_id(record: dict) -> tuple:
@@ -119,6 +120,17 @@ def _relative_cell(row: dict) -> str:
     return _with_interval(row["relative"], row["relative_interval"], scale=1.0, digits=2)
 
 
+def prefill_label(records: list[dict]) -> str:
+    """How the contexts of ``records`` were prefilled (lines from before the field: "not recorded")."""
+
+    def label(size) -> str:
+        if size == _UNRECORDED:
+            return "not recorded"
+        return "the whole context in one forward" if size is None else f"chunks of {size} tokens"
+
+    return "; ".join(label(size) for size in _order(r.get("chunk_size", _UNRECORDED) for r in records))
+
+
 def summary_markdown(
     records: list[dict], title: str = "kvsqueeze eval", target_vs_full: float | None = None
 ) -> str:
@@ -133,7 +145,8 @@ def summary_markdown(
         f"# {title}",
         "",
         f"Model `{first['model']}`, lengths {_label_lengths(lengths)} tokens, seed {first['seed']}, "
-        f"{samples} (task, length, sample) prompts. Scores: RULER string match, % of expected answers "
+        f"{samples} (task, length, sample) prompts; prefill: {prefill_label(records)}. "
+        "Scores: RULER string match, % of expected answers "
         "found (whole words, case-insensitive). **ratio** = 1 − KV bytes held / bytes of a full "
         f"{first['kv_dtype']} cache of the same tokens, measured after prefill. **x 16-bit** = bytes of "
         "a 16-bit full cache / bytes this cache holds with the model's KV in 16 bits (codes, scales and "

@@ -92,14 +92,20 @@ def record_key(recipe: str, mode: str, task: str, length: int, sample: int) -> s
 
 
 def load_records(out_dir: Path) -> list[dict]:
-    """Every complete JSON line of ``results.jsonl`` (a torn last line from a crash is ignored)."""
+    """Every complete JSON line of ``results.jsonl`` (a torn last line from a crash is ignored).
+
+    Lines written before they recorded ``chunk_size`` get the one in ``config.json``: a resumed
+    run must match it, so every line of a directory was prefilled with it."""
     path = Path(out_dir) / RESULTS
     if not path.exists():
         return []
+    config_path = Path(out_dir) / CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+    defaults = {"chunk_size": config["chunk_size"]} if "chunk_size" in config else {}
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            records.append(json.loads(line))
+            records.append({**defaults, **json.loads(line)})
         except json.JSONDecodeError:
             continue
     return records
@@ -279,5 +285,6 @@ def _common(config: EvalConfig, recipe: str, task: str, length: int, index: int)
         "sample": index,
         "seed": config.seed,
         "model": config.model,
+        "chunk_size": config.chunk_size,
         "python": platform.python_version(),
     }

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.engine import eos_ids
 from kvsqueeze.models import max_context_length
+from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prefix import PrefixCache
@@ -51,7 +52,7 @@ class ServeConfig:
     model_name: str
     recipe: str = "full"
     kv_memory: int = 2 << 30
-    chunk_size: int = 256
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     api_keys: tuple[str, ...] = ()
     stores: tuple[str, ...] = ()
     store_ram: int = 1 << 30

@@ -8,6 +8,7 @@ import re
 import sys
 
 from kvsqueeze.models import DEFAULT_MODEL
+from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 
 _UNITS = {
     "": 1,
@@ -82,9 +83,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size",
         type=int,
-        default=256,
+        default=DEFAULT_CHUNK_SIZE,
         metavar="N",
-        help="context prefill chunk and prefix-reuse block, in tokens (default 256)",
+        help=f"context prefill chunk and prefix-reuse block, in tokens (default {DEFAULT_CHUNK_SIZE})",
     )
     parser.add_argument(
         "--store-ram",

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.models import kv_cache_spec
-from kvsqueeze.prefill import prefill
+from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE, prefill
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.prefix import PrefixCache, worth_saving
 from kvsqueeze.serve.scheduler import Scheduler, Sequence, Status
@@ -77,7 +77,7 @@ class Runner:
         model: PreTrainedModel,
         recipe: Recipe,
         kv_memory: int,
-        chunk_size: int = 256,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         prefix_cache: PrefixCache | None = None,
         eos_ids: set[int] | frozenset[int] = frozenset(),
         max_running: int = 64,
