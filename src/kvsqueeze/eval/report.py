@@ -156,7 +156,9 @@ def summary_markdown(
         f"**[low, high]** = 95% interval; **n** = the prompts a value rests on. A pass rate (one task, "
         f"every score 0 or 1) gets a Wilson interval; other means a percentile bootstrap over prompts "
         f"({RESAMPLES:,} resamples, seed {SEED}, resampled within each task); **vs full** a paired "
-        "bootstrap: each resample draws prompts and reads the recipe and the full cache on the same ones.",
+        "bootstrap: each resample draws prompts and reads the recipe and the full cache on the same ones. "
+        "A bootstrap sees only the variation the prompts showed: when every prompt of a task scored "
+        "alike (likely at small n) its interval is too narrow, zero-width at the extreme.",
         "",
     ]
     for mode, block in summarize(records).items():
