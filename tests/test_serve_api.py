@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
-from test_serve_helpers import http
+from test_serve_helpers import http, serving
 
 from kvsqueeze.engine import generate
-from kvsqueeze.serve.app import ServeConfig, Server, create_app
-from kvsqueeze.serve.local import free_port, wait_for
+from kvsqueeze.serve.app import ServeConfig, Server
+from kvsqueeze.serve.local import wait_for
 
 pytestmark = pytest.mark.real_model
 
@@ -32,21 +29,9 @@ QUESTIONS = [
 ]
 
 
-@contextlib.contextmanager
 def running(model, tokenizer, **options):
     """A ``Server`` on a free port in a background thread; yields (base URL, server)."""
-    config = ServeConfig(model_name=MODEL, api_keys=(KEY_A, KEY_B), **options)
-    server = Server(config, model, tokenizer)
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: web.started, 60, "uvicorn")
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        web.should_exit = True
-        thread.join(timeout=30)
+    return serving(model, tokenizer, model_name=MODEL, api_keys=(KEY_A, KEY_B), **options)
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +226,24 @@ def test_a_client_that_hangs_up_frees_its_row(served):
         wait_for(lambda: server.runner.stats.decode_tokens > steps_before, 120, "first decode step")
     wait_for(lambda: not server.runner.scheduler.running, 30, "the row to leave")
     assert server.runner.stats.decode_tokens - steps_before < 60  # cancelled, not run to max_tokens
+
+
+def test_a_short_request_joining_a_long_kivi2_stream_both_answer(real_model):
+    """Issue 13's reproduction: with kivi2, a ~1k-token chat request streaming, then "Hi"
+    (max_tokens 8) joins; it used to kill the runner thread."""
+    model, tokenizer = real_model
+    document = "The grass is green. The sky is blue. " * 85 + "The pass key is 68315. " + "Birds sing. " * 30
+    long_question = document + "\nWhat is the pass key?"
+    with running(model, tokenizer, recipe="kivi2", kv_memory=256 << 20) as (base, server):
+        alone = [
+            ask(base, q, max_tokens=n).choices[0].message.content for q, n in ((long_question, 12), ("Hi", 8))
+        ]
+        server.runner.stats.max_running = 0
+        with ThreadPoolExecutor(2) as pool:
+            streaming = pool.submit(stream, base, long_question, 12)
+            wait_for(lambda: server.runner.stats.max_running == 1, 120, "the long request to run")
+            short = pool.submit(ask, base, "Hi", 8)
+            joined = [streaming.result()[0], short.result().choices[0].message.content]
+        assert server.runner.stats.max_running == 2
+    assert joined == alone
+    assert "68315" in alone[0] and alone[1]

@@ -1,4 +1,5 @@
-"""Helpers for the serve tests (no tests here): a real redis-server, plain HTTP requests.
+"""Helpers for the serve tests (no tests here): a server in a thread, a real redis-server, plain
+HTTP requests.
 
 Ports, waiting and server subprocesses come from ``kvsqueeze.serve.local``.
 """
@@ -8,12 +9,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 
 import pytest
+import uvicorn
 
-from kvsqueeze.serve.local import local_redis, redis_binary
+from kvsqueeze.serve.app import ServeConfig, Server, create_app
+from kvsqueeze.serve.local import free_port, local_redis, redis_binary, wait_for
+
+
+@contextlib.contextmanager
+def serving(model, tokenizer, **config):
+    """A ``Server(ServeConfig(**config))`` on a free port, uvicorn in a background thread; yields
+    (base URL, server)."""
+    server = Server(ServeConfig(**config), model, tokenizer)
+    port = free_port()
+    web = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: web.started, 60, "uvicorn")
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        web.should_exit = True
+        thread.join(timeout=30)
 
 
 @contextlib.contextmanager

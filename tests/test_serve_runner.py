@@ -232,3 +232,29 @@ def test_a_step_prefills_a_bounded_number_of_tokens_so_running_rows_keep_decodin
         runner.step()
     for seq in (first, second, third):
         assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "long_part"),
+    [
+        *((recipe, "prompt") for recipe in ("kivi2", "kivi4", "gear", "snapkv+mixed@0.75", "h2o@0.5")),
+        ("kivi2", "context"),
+        ("h2o@0.5", "context"),
+    ],
+)
+def test_a_short_request_joining_a_long_quantized_or_stateful_row_completes_both(recipe, long_part):
+    """Issue 13's server killer: a ~1k-token request decoding, then a short one joins the batch
+    (stacking a long quantized row, or one with H2O's accumulated scores, with a short one)."""
+    model = install(tiny_model("llama", max_position_embeddings=2048))
+    recipe = Recipe.parse(recipe)
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=256)
+    head = tokens(9, 20)  # what a chat template puts before the user message
+    document = tokens(1, 1000)
+    context, prompt = (head, document) if long_part == "prompt" else (document, tokens(2, 20))
+    long = Sequence(context=context, prompt=prompt, max_tokens=12, sink=Collector())
+    short = Sequence(context=head, prompt=tokens(3, 3), max_tokens=8, sink=Collector())
+    run_until_done(runner, [long, short], arrivals=[0, 2])
+    for seq in (long, short):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens, chunk=256)
+        assert seq.sink.done["finish_reason"] == "length"
+    assert runner.stats.max_running == 2 and runner.cache is None
