@@ -50,6 +50,10 @@ class Collector:
     def done(self):
         return next((value for event, value in self.events if event == "done"), None)
 
+    @property
+    def ended(self):
+        return any(event in ("done", "error") for event, _ in self.events)
+
 
 def make_requests(specs):
     return [
@@ -65,7 +69,7 @@ def run_until_done(runner, seqs, arrivals=None, limit=500):
             if at == step:
                 runner.submit(seq)
         runner.step()
-        if all(seq.sink.done for seq in seqs) and step >= max(arrivals):
+        if all(seq.sink.ended for seq in seqs) and step >= max(arrivals):
             return
     raise AssertionError("requests did not finish")
 
@@ -258,3 +262,41 @@ def test_a_short_request_joining_a_long_quantized_or_stateful_row_completes_both
         assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens, chunk=256)
         assert seq.sink.done["finish_reason"] == "length"
     assert runner.stats.max_running == 2 and runner.cache is None
+
+
+class Poisoned:
+    """A model forward that raises once a forward reaches position ``limit`` (only one request is
+    that long), as a bug or a bad input inside the model would."""
+
+    def __init__(self, forward, limit):
+        self.forward, self.limit, self.raised = forward, limit, 0
+
+    def __call__(self, *args, position_ids=None, past_key_values=None, input_ids=None, **kwargs):
+        end = (
+            int(position_ids.max()) + 1
+            if position_ids is not None
+            else past_key_values.get_seq_length() + input_ids.shape[1]
+        )
+        if end > self.limit:
+            self.raised += 1
+            raise RuntimeError("injected failure")
+        return self.forward(
+            *args, position_ids=position_ids, past_key_values=past_key_values, input_ids=input_ids, **kwargs
+        )
+
+
+def test_a_request_that_fails_inside_the_batched_decode_fails_alone(monkeypatch):
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("full")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
+    seqs = make_requests([(10, 3, 8), (30, 4, 8), (12, 4, 8)])
+    poisoned = Poisoned(model.forward, limit=30 + 4 + 2)  # the second one's third decode step
+    monkeypatch.setattr(model, "forward", poisoned)
+    run_until_done(runner, seqs, arrivals=[0, 0, 1])
+    (error,) = [value for event, value in seqs[1].sink.events if event == "error"]
+    assert "injected failure" in error and seqs[1].sink.done is None
+    monkeypatch.undo()
+    for seq in (seqs[0], seqs[2]):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+    assert poisoned.raised >= 2  # in the batch, then alone
+    assert runner.cache is None and not runner.scheduler.has_work()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import hmac
 import json
 import logging
 import time
@@ -33,11 +32,13 @@ from kvsqueeze.engine import eos_ids
 from kvsqueeze.models import max_context_length
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.limits import RETRY_AFTER_SECONDS, AuthError, queue_full, scope_of
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prefix import PrefixCache
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
 from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
+from kvsqueeze.serve.supervisor import Supervisor
 
 log = logging.getLogger("kvsqueeze.serve")
 
@@ -61,15 +62,25 @@ class ServeConfig:
     default_max_tokens: int = 256
     max_request_bytes: int = 4 << 20
     max_running: int = 64
+    max_waiting: int = 256
+    restart_delay: float = 1.0
     extra: dict = field(default_factory=dict)
 
 
 class APIError(Exception):
     """An error answered in OpenAI's format: ``{"error": {"message", "type", "code", "param"}}``."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
         kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
@@ -79,7 +90,7 @@ class APIError(Exception):
             "param": self.param,
             "code": self.code,
         }
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -125,6 +136,7 @@ class Server:
             max_running=config.max_running,
             tokenizer=tokenizer,
         )
+        self.supervisor = Supervisor(self.runner, config.restart_delay)
         self.store = TieredStore.from_specs(config.store_ram, list(config.stores))
         self.metrics = self._metrics()
         self.created = int(time.time())
@@ -150,12 +162,14 @@ class Server:
         metrics.describe("running_sequences", "gauge", "sequences in the running batch")
         metrics.gauge("running_sequences_max", lambda: runner.stats.max_running)
         metrics.describe("running_sequences_max", "gauge", "largest running batch so far")
-        metrics.gauge("waiting_sequences", lambda: len(runner.scheduler.waiting))
+        metrics.gauge("waiting_sequences", runner.waiting)
         metrics.describe("waiting_sequences", "gauge", "sequences waiting for KV memory")
         metrics.gauge("preemptions_total", lambda: runner.stats.preemptions)
         metrics.describe("preemptions_total", "counter", "sequences preempted (recomputed later)")
         metrics.gauge("prefill_tokens_total", lambda: runner.stats.prefill_tokens)
         metrics.describe("prefill_tokens_total", "counter", "tokens run through prefill")
+        metrics.gauge("runner_restarts_total", lambda: self.supervisor.restarts)
+        metrics.describe("runner_restarts_total", "counter", "model runner threads restarted after dying")
         metrics.gauge("decode_steps_total", lambda: runner.stats.steps)
         metrics.describe("decode_steps_total", "counter", "batched decode steps")
         prefix = runner.prefix_cache
@@ -166,24 +180,33 @@ class Server:
         return metrics
 
     def start(self) -> None:
-        self.runner.start()
+        self.supervisor.start()
 
     def close(self) -> None:
-        self.runner.stop()
+        self.supervisor.stop()
         self.store.close()
+
+    def unavailable(self) -> str | None:
+        """Why new requests are refused with 503 right now, or None."""
+        return self.supervisor.down
 
     # ---- auth and keys ---------------------------------------------------------------------
     def scope(self, request: Request) -> str:
         """The caller's scope (a hash of its API key); raises 401 when keys are required."""
-        if not self.config.api_keys:
-            return "public"
-        header = request.headers.get("authorization", "")
-        given = header[7:].strip() if header.lower().startswith("bearer ") else ""
-        if not given:
-            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "invalid_api_key")
-        if not any(hmac.compare_digest(given.encode(), key.encode()) for key in self.config.api_keys):
-            raise APIError(401, "invalid API key", "invalid_api_key")
-        return hashlib.sha256(b"kvsqueeze-scope:" + given.encode()).hexdigest()[:16]
+        try:
+            return scope_of(self.config.api_keys, request.headers.get("authorization", ""))
+        except AuthError as error:
+            raise APIError(401, str(error), "invalid_api_key") from None
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq`` for the runner, or refuse: 503 while the server cannot serve, 429 when
+        ``--max-waiting`` requests already wait."""
+        retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+        if (reason := self.unavailable()) is not None:
+            raise APIError(503, reason, "unavailable", headers=retry)
+        if (reason := queue_full(self.runner.waiting(), self.config.max_waiting)) is not None:
+            raise APIError(429, reason, "queue_full", headers=retry)
+        self.runner.submit(seq)
 
     def context_key(self, content_hash: str, scope: str) -> ContextKey:
         return ContextKey(self.config.model_name, self.recipe_name, self.dtype, content_hash, scope)
@@ -317,6 +340,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        reason = server.unavailable()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ok", "model": config.model_name, "recipe": server.recipe_name}
 
     @app.get("/metrics")
@@ -379,7 +405,7 @@ def create_app(server: Server) -> FastAPI:
         seq = Sequence(
             context=tokens, prompt=[], max_tokens=0, sink=sink_for(queue), scope=scope, kind="context"
         )
-        server.runner.submit(seq)
+        server.submit(seq)
         entry = None
         while True:
             event, value = await queue.get()
@@ -521,7 +547,7 @@ def create_app(server: Server) -> FastAPI:
             restored=prepared.restored,
             save_context=prepared.save_context is not None,
         )
-        server.runner.submit(seq)
+        server.submit(seq)
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         stream = bool(body.get("stream"))

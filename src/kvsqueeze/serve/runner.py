@@ -37,6 +37,8 @@ from kvsqueeze.storage.layer import dense_block_size
 
 log = logging.getLogger("kvsqueeze.serve.runner")
 
+# decode steps a row of a failed batched step runs alone before it may share a batch again
+SUSPECT_STEPS = 16
 # offsets (left gaps of rows shorter than the longest) are squeezed out once they pass this
 _MAX_IDLE_OFFSET = 4096
 
@@ -108,6 +110,10 @@ class Runner:
         self.stats = RunnerStats()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.failure: str | None = None
+        self._joining: Sequence | None = None  # admitted, being prefilled
+        self._queued = 0  # "add" commands in the inbox
+        self._queued_lock = threading.Lock()
 
     # ---- sizes -------------------------------------------------------------------------------
     def kept(self, context_tokens: int) -> int:
@@ -158,7 +164,21 @@ class Runner:
 
     # ---- thread ------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
+        with self._queued_lock:
+            self._queued += 1
         self.inbox.put(("add", seq))
+
+    def waiting(self) -> int:
+        """Sequences submitted and not running: in the inbox or the scheduler's waiting queue."""
+        return self._queued + len(self.scheduler.waiting)
+
+    def _take(self, command: str, seq: Sequence | None) -> Sequence | None:
+        """Account for one command taken from the inbox; returns the sequence if it was an add."""
+        if command != "add":
+            return None
+        with self._queued_lock:
+            self._queued -= 1
+        return seq
 
     def cancel(self, seq: Sequence) -> None:
         self.inbox.put(("cancel", seq))
@@ -173,16 +193,49 @@ class Runner:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running steps (False before ``start``, after a crash or ``stop``)."""
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                try:
+                    self.step(block=True)
+                except Exception:  # a bug must not kill the worker: fail the running requests, go on
+                    log.exception("runner step failed; failing the running requests")
+                    for seq in list(self.scheduler.running):
+                        self._finish(seq, "error", error="internal error in the model runner")
+                    self.cache = None
+        except BaseException as error:  # the recovery itself failed: ``Supervisor`` restarts us
+            self.failure = f"{type(error).__name__}: {error}"
+            log.critical("the model runner thread died: %s", self.failure, exc_info=True)
+
+    def recover(self, message: str) -> int:
+        """After the worker thread died: fail every request in flight with ``message``, empty the
+        queues and the batch, clear ``failure`` (``start`` may run again). Returns how many failed."""
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        failed = [*self.scheduler.running, *self.scheduler.waiting, *filter(None, [self._joining])]
+        self._joining = None
+        while True:
             try:
-                self.step(block=True)
-            except Exception:  # a bug must not kill the worker: fail the running requests, go on
-                log.exception("runner step failed; failing the running requests")
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error", error="internal error in the model runner")
-                self.cache = None
+                command, seq = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if self._take(command, seq) is not None:
+                failed.append(seq)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self.cache = None
+        failed = [seq for seq in failed if seq.status is not Status.FINISHED]
+        for seq in failed:
+            self.scheduler.finish(seq, "error")
+            seq.sink("error", message)
+        self.failure = None
+        return len(failed)
 
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,7 +248,9 @@ class Runner:
             if seq is None:
                 break
             before = self.stats.prefill_tokens
+            self._joining = seq
             self._join(seq)
+            self._joining = None
             prefilled += self.stats.prefill_tokens - before
         if self.scheduler.running:
             self._decode()
@@ -209,7 +264,7 @@ class Runner:
             except queue.Empty:
                 return
             block = False
-            if command == "add":
+            if self._take(command, seq) is not None:
                 self.scheduler.add(seq)
             elif command == "cancel" and seq.status is not Status.FINISHED:
                 seq.cancelled = True
@@ -307,9 +362,15 @@ class Runner:
         seen = self.cache.get_seq_length()
         offsets = self.cache.offsets.to(device)
         mask = (torch.arange(seen + 1, device=device)[None] >= offsets[:, None]).long()
-        out = self.model(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache
-        )
+        try:
+            out = self.model(
+                input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=self.cache
+            )
+        except Exception as error:
+            self._isolate(error)
+            return
+        for seq in running:
+            seq.suspect = max(seq.suspect - 1, 0)
         logits = out.logits[:, -1]
         self.stats.steps += 1
         for row, seq in enumerate(list(running)):
@@ -318,6 +379,21 @@ class Runner:
             self.stats.decode_tokens += 1
         for seq in list(running):
             self._finish_if_done(seq)
+
+    def _isolate(self, error: Exception) -> None:
+        """A decode step raised. Alone, the row fails. Otherwise which row caused it is unknown and
+        the cache may hold part of the step: every row is recomputed as a ``suspect`` that decodes
+        alone for its next ``SUSPECT_STEPS`` tokens, so a failing row fails by itself and the
+        others go on with the same answers (at the cost of running one at a time meanwhile)."""
+        running = list(self.scheduler.running)
+        log.warning("decode step of %d rows failed: %s: %s", len(running), type(error).__name__, error)
+        if len(running) == 1:
+            self._finish(running[0], "error", error=f"decode failed: {type(error).__name__}: {error}")
+            return
+        self.cache = None
+        for seq in reversed(running):
+            seq.suspect = SUSPECT_STEPS
+            self.scheduler.preempt(seq)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         if seq.temperature <= 0:

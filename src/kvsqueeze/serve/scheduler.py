@@ -9,7 +9,9 @@ step costs one token per running row. FCFS: the oldest waiting sequence goes fir
 overtakes it. When a decode step would not fit, the most recently admitted sequence is
 preempted: its cache is dropped and it goes back to the front of the queue, to be recomputed
 (prefilled again, with its generated tokens) when memory frees up. The oldest running sequence
-is never preempted, so the batch always makes progress.
+is never preempted, so the batch always makes progress. A ``suspect`` (a row of a batched step
+that raised, recomputed) decodes alone for a few steps, so a row that makes steps fail is found
+and fails by itself.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Sequence:
     cached_tokens: int = 0
     preemptions: int = 0
     cancelled: bool = False
+    suspect: int = 0  # decode steps this row must still run alone (see ``Runner._isolate``)
     finish_reason: str | None = None
     generator: torch.Generator | None = None
 
@@ -111,6 +114,8 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.max_running:
             return None
         seq = self.waiting[0]
+        if self.running and (seq.suspect or any(other.suspect for other in self.running)):
+            return None  # a row suspected of failing a batched step decodes alone
         need = self.estimate(seq) + self.growth(None) + sum(self.growth(other) for other in self.running)
         if self.running and used + need > self.budget_bytes:
             return None
