@@ -129,3 +129,19 @@ def test_an_unreachable_redis_degrades_to_a_miss(tmp_path, entry):
     store.put(KEY, entry)  # logged, not raised
     fresh = TieredStore.from_specs(1 << 30, [str(tmp_path), f"redis://127.0.0.1:{free_port()}/0"])
     assert fresh.get(KEY).tier == "disk"
+
+
+def test_redis_entries_expire_after_the_store_ttl_and_a_hit_renews_it(redis_url, entry):
+    store = TieredStore.from_specs(1 << 30, [redis_url], redis_ttl=3600)
+    key = ContextKey("tiny", "knorm@0.5", "float32", "expiring")
+    store.put(key, entry)
+    (redis,) = store.tiers[1:]
+    name = redis._name(key)
+    assert 3590 <= redis.client.ttl(name) <= 3600
+    redis.client.expire(name, 100)
+    assert redis.get(key) is not None and redis.client.ttl(name) > 3500
+    forever = TieredStore.from_specs(1 << 30, [redis_url])
+    forever.put(key, entry)
+    assert redis.client.ttl(name) == -1  # no expiry
+    for each in (store, forever):
+        each.close()

@@ -63,6 +63,7 @@ class ServeConfig:
     max_request_bytes: int = 4 << 20
     max_running: int = 64
     max_waiting: int = 256
+    store_ttl: float = 7 * 86400
     restart_delay: float = 1.0
     extra: dict = field(default_factory=dict)
 
@@ -137,9 +138,10 @@ class Server:
             tokenizer=tokenizer,
         )
         self.supervisor = Supervisor(self.runner, config.restart_delay)
-        self.store = TieredStore.from_specs(config.store_ram, list(config.stores))
+        self.store = TieredStore.from_specs(config.store_ram, list(config.stores), config.store_ttl)
         self.metrics = self._metrics()
         self.created = int(time.time())
+        self.draining = False
 
     def _metrics(self) -> Metrics:
         metrics = Metrics()
@@ -186,8 +188,14 @@ class Server:
         self.supervisor.stop()
         self.store.close()
 
+    def begin_drain(self) -> None:
+        """Refuse new requests from now on (the process is shutting down)."""
+        self.draining = True
+
     def unavailable(self) -> str | None:
         """Why new requests are refused with 503 right now, or None."""
+        if self.draining:
+            return "the server is shutting down: send the request to another replica or retry later"
         return self.supervisor.down
 
     # ---- auth and keys ---------------------------------------------------------------------

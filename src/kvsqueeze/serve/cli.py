@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
 from kvsqueeze.models import DEFAULT_MODEL
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
+from kvsqueeze.serve.limits import ENVIRONMENT_VARIABLE, load_api_keys
 
 _UNITS = {
     "": 1,
@@ -34,6 +36,32 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1e9)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds(text: str) -> float:
+    """``"7d"`` -> 604800.0; a number of seconds with an optional unit s, m, h or d."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhd]?)\s*", str(text).lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 30, 90s, 12h, 7d)")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
@@ -76,13 +104,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on every route but /health; repeat for several keys "
-        "(each key only sees the contexts it created)",
+        "(each key only sees the contexts it created). Visible in ps: prefer --api-key-file or "
+        f"{ENVIRONMENT_VARIABLE}",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="accepted API keys, one per line (blank lines and # comments skipped); adds to --api-key "
+        f"and to the environment variable {ENVIRONMENT_VARIABLE} (comma-separated keys)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--chunk-size",
-        type=int,
+        type=count(1),
         default=DEFAULT_CHUNK_SIZE,
         metavar="N",
         help=f"context prefill chunk and prefix-reuse block, in tokens (default {DEFAULT_CHUNK_SIZE})",
@@ -116,7 +151,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest request body (default 4MiB)",
     )
     parser.add_argument(
-        "--max-running", type=int, default=64, metavar="N", help="largest running batch (default 64)"
+        "--max-running", type=count(1), default=64, metavar="N", help="largest running batch (default 64)"
+    )
+    parser.add_argument(
+        "--max-waiting",
+        type=count(0),
+        default=256,
+        metavar="N",
+        help="requests that may wait for the running batch; more get 429 with Retry-After "
+        "(default 256, 0 = unbounded)",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=parse_seconds,
+        default=30.0,
+        metavar="DURATION",
+        help="on SIGTERM/SIGINT: refuse new requests (503) and let those in flight finish for at most "
+        "this long, then end them with an error and exit; a second signal exits at once (default 30)",
+    )
+    parser.add_argument(
+        "--store-ttl",
+        type=parse_seconds,
+        default=parse_seconds("7d"),
+        metavar="DURATION",
+        help="expiry of context entries in Redis tiers, e.g. 3600, 12h, 7d; 0 = never (default 7d)",
     )
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
@@ -137,10 +195,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvsqueeze.models import ModelLoadError, load_model
     from kvsqueeze.recipe import Recipe, RecipeError
     from kvsqueeze.serve.app import ServeConfig, Server, create_app
+    from kvsqueeze.serve.drain import DrainingServer
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        api_keys = load_api_keys(args.api_key, args.api_key_file, os.environ)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -151,7 +215,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (RecipeError, ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_keys:
         logging.getLogger("kvsqueeze.serve").warning(
             "binding %s without --api-key: anyone who can reach it can use it", args.host
         )
@@ -160,16 +224,19 @@ def run_serve(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         kv_memory=args.kv_memory,
         chunk_size=args.chunk_size,
-        api_keys=tuple(args.api_key),
+        api_keys=api_keys,
         stores=tuple(args.store),
         store_ram=args.store_ram,
         prefix_cache=args.prefix_cache,
         max_tokens_limit=args.max_tokens_limit,
         max_request_bytes=args.max_request_bytes,
         max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        store_ttl=args.store_ttl,
     )
     server = Server(config, model, tokenizer)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    web = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    DrainingServer(web, server, args.drain_seconds).run()
     return 0
 
 

@@ -94,6 +94,13 @@ def local_server(*args: str, timeout: float = 180) -> Iterator[str]:
 
     If it does not become healthy, the error carries the end of its log.
     """
+    with local_server_process(*args, timeout=timeout) as (base, _process):
+        yield base
+
+
+@contextlib.contextmanager
+def local_server_process(*args: str, timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As ``local_server``, yielding (base URL, the server's process) to signal or wait for it."""
     port = free_port()
     command = [sys.executable, "-m", "kvsqueeze.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
@@ -106,6 +113,7 @@ def local_server(*args: str, timeout: float = 180) -> Iterator[str]:
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-3000:]
                 raise RuntimeError(f"{error}; log:\n{tail}") from None
-            yield base
+            yield base, process
         finally:
-            _stop(process)
+            if process.poll() is None:
+                _stop(process)

@@ -227,14 +227,25 @@ class Runner:
                 break
             if self._take(command, seq) is not None:
                 failed.append(seq)
+        self.failure = None
+        return self._fail(failed, message)
+
+    def abort(self, message: str) -> None:
+        """End every request in flight with ``message`` (at the worker's next step)."""
+        self.inbox.put(("abort", message))
+
+    def in_flight(self) -> int:
+        """Requests submitted and not finished."""
+        return self.waiting() + len(self.scheduler.running) + (self._joining is not None)
+
+    def _fail(self, seqs: list[Sequence], message: str) -> int:
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         self.cache = None
-        failed = [seq for seq in failed if seq.status is not Status.FINISHED]
+        failed = [seq for seq in seqs if seq.status is not Status.FINISHED]
         for seq in failed:
             self.scheduler.finish(seq, "error")
             seq.sink("error", message)
-        self.failure = None
         return len(failed)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -266,6 +277,8 @@ class Runner:
             block = False
             if self._take(command, seq) is not None:
                 self.scheduler.add(seq)
+            elif command == "abort":
+                self._fail([*self.scheduler.running, *self.scheduler.waiting], seq)
             elif command == "cancel" and seq.status is not Status.FINISHED:
                 seq.cancelled = True
                 self._finish(seq, "cancelled")

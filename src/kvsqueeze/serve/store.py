@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -253,12 +254,16 @@ class RedisTier:
         pipe.hset(self._name(key), mapping={"manifest": manifest, "payload": payload})
         if self.ttl_seconds:
             pipe.expire(self._name(key), self.ttl_seconds)
+        else:
+            pipe.persist(self._name(key))  # HSET keeps an earlier writer's expiry
         pipe.execute()
 
     def get(self, key: ContextKey) -> Entry | None:
         raw, payload = self.client.hmget(self._name(key), ["manifest", "payload"])
         if raw is None:
             return None
+        if self.ttl_seconds:  # an entry in use stays
+            self.client.expire(self._name(key), self.ttl_seconds)
         manifest = decode_manifest(key, raw)
         try:
             tensors = decode_payload(manifest, payload)
@@ -295,11 +300,13 @@ class TieredStore:
         self.tiers = tiers
 
     @classmethod
-    def from_specs(cls, ram_bytes: int, specs: list[str]) -> TieredStore:
-        """``specs``: directories and ``redis://host:port[/db]`` URLs, in the order given."""
+    def from_specs(cls, ram_bytes: int, specs: list[str], redis_ttl: float = 0) -> TieredStore:
+        """``specs``: directories and ``redis://host:port[/db]`` URLs, in the order given;
+        ``redis_ttl`` seconds is the expiry of Redis entries (0 = never)."""
         tiers: list[Tier] = [MemoryTier(ram_bytes)]
         for spec in specs:
-            tiers.append(RedisTier(spec) if spec.startswith(("redis://", "rediss://")) else DiskTier(spec))
+            redis = spec.startswith(("redis://", "rediss://"))
+            tiers.append(RedisTier(spec, math.ceil(redis_ttl) or None) if redis else DiskTier(spec))
         return cls(tiers)
 
     def tier_names(self) -> list[str]:
