@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -13,8 +14,9 @@ from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import prefill
 from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.app import profile_digest
 from kvsqueeze.serve.local import free_port
-from kvsqueeze.serve.store import ContextKey, DiskTier, Entry, MemoryTier, RedisTier, TieredStore
+from kvsqueeze.serve.store import FORMAT, ContextKey, DiskTier, Entry, MemoryTier, RedisTier, TieredStore
 
 KEY = ContextKey("tiny", "knorm@0.5", "float32", "abc123", "public")
 
@@ -85,7 +87,9 @@ def test_corrupt_disk_payload_is_detected_and_never_served(tmp_path, entry, capl
         lookup = TieredStore([MemoryTier(1 << 30), DiskTier(tmp_path)]).get(KEY)
     assert lookup.corrupt and lookup.entry.tensors is None
     assert lookup.entry.meta["tokens"] == entry.meta["tokens"]  # enough to recompute it
-    assert "corrupt context entry" in caplog.text
+    assert "corrupt context entry" in caplog.text and KEY.digest() in caplog.text
+    tokens = entry.meta["tokens"]
+    assert str(tokens[:4])[1:-1] not in caplog.text  # the document's token ids are not logged
     assert list(tmp_path.iterdir()) == []  # removed
 
 
@@ -131,6 +135,19 @@ def test_an_unreachable_redis_degrades_to_a_miss(tmp_path, entry):
     assert fresh.get(KEY).tier == "disk"
 
 
+@pytest.mark.parametrize(
+    "changed", [{"chunk_size": 128}, {"head_profile": "3f2a"}, {"format": FORMAT - 1}, {"scope": "other"}]
+)
+def test_keys_separate_chunk_size_head_profile_and_format(tmp_path, entry, changed):
+    key = dataclasses.replace(KEY, chunk_size=256)
+    DiskTier(tmp_path).put(key, entry)
+    assert TieredStore([DiskTier(tmp_path)]).get(key).tier == "disk"
+    other = dataclasses.replace(key, **changed)
+    assert other.digest() != key.digest()
+    lookup = TieredStore([DiskTier(tmp_path)]).get(other)
+    assert lookup.entry is None and not lookup.corrupt
+
+
 def test_redis_entries_expire_after_the_store_ttl_and_a_hit_renews_it(redis_url, entry):
     store = TieredStore.from_specs(1 << 30, [redis_url], redis_ttl=3600)
     key = ContextKey("tiny", "knorm@0.5", "float32", "expiring")
@@ -145,3 +162,10 @@ def test_redis_entries_expire_after_the_store_ttl_and_a_hit_renews_it(redis_url,
     assert redis.client.ttl(name) == -1  # no expiry
     for each in (store, forever):
         each.close()
+
+
+def test_a_recipe_reading_a_head_profile_keys_its_entries_by_that_profile():
+    assert profile_digest(Recipe.parse("snapkv@0.5"), "smollm2-135m") == "none"
+    shipped = profile_digest(Recipe.parse("duo:retrieval=0.5"), "smollm2-135m")
+    assert len(shipped) == 16 and shipped not in ("none", "missing")
+    assert profile_digest(Recipe.parse("duo"), "/no/such-model") == "missing"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvsqueeze.components import Component
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
+
+if TYPE_CHECKING:
+    from kvsqueeze.budgets.head_profile import HeadProfile
 
 
 @dataclass
@@ -60,6 +64,11 @@ class Budget(Component):
 
         Only budgets that compare layers (CAKE, the global threshold) override this.
         """
+
+    def head_profile(self, model_name: str) -> HeadProfile | None:
+        """The head profile this budget reads for ``model_name`` (None: it reads none), so that a
+        stored cache can name what it was computed with."""
+        return None
 
     def observed_queries(self) -> int:
         """How many of the compressed forward's last queries ``allocate`` reads (0 = none)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.budgets.base import Budget, protected_counts
-from kvsqueeze.budgets.head_profile import ProfileNotFoundError, find_profile
+from kvsqueeze.budgets.head_profile import HeadProfile, ProfileNotFoundError, find_profile
 from kvsqueeze.components import option
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 from kvsqueeze.scorers.streaming import StreamingLLM
@@ -51,6 +51,9 @@ class DuoAttention(Budget):
 
     def default_scorer(self) -> Scorer:
         return StreamingLLM(sinks=self.sinks)
+
+    def head_profile(self, model_name: str) -> HeadProfile:
+        return find_profile(model_name, self.profile)
 
     def retrieval_heads(self, config, state: dict) -> torch.Tensor:
         """``[layers, kv_heads]`` bool for the model of ``config`` (loaded once per cache)."""

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kvsqueeze.budgets.head_profile import ProfileNotFoundError
 from kvsqueeze.engine import eos_ids
 from kvsqueeze.models import max_context_length
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
@@ -122,6 +123,7 @@ class Server:
         self.recipe_name = str(self.recipe)
         self.dtype = str(model.dtype).removeprefix("torch.")
         self.max_length = max_context_length(model, tokenizer)
+        self.head_profile = profile_digest(self.recipe, getattr(model.config, "_name_or_path", ""))
         prefix = None
         if config.prefix_cache > 0:
             prefix = PrefixCache(
@@ -217,7 +219,15 @@ class Server:
         self.runner.submit(seq)
 
     def context_key(self, content_hash: str, scope: str) -> ContextKey:
-        return ContextKey(self.config.model_name, self.recipe_name, self.dtype, content_hash, scope)
+        return ContextKey(
+            self.config.model_name,
+            self.recipe_name,
+            self.dtype,
+            content_hash,
+            scope,
+            chunk_size=self.config.chunk_size,
+            head_profile=self.head_profile,
+        )
 
     # ---- prompts ---------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -269,6 +279,18 @@ class Server:
                 f"{self.config.kv_memory}; shorten the prompt or lower max_tokens",
                 "kv_memory_exceeded",
             )
+
+
+def profile_digest(recipe: Recipe, model_name: str) -> str:
+    """What stored caches record of the head profile ``recipe`` reads: ``"none"``, ``"missing"``
+    (the request will fail and say why) or a digest of its scores."""
+    try:
+        profile = recipe.budget.head_profile(model_name) if recipe.budget is not None else None
+    except ProfileNotFoundError:
+        return "missing"
+    if profile is None:
+        return "none"
+    return hashlib.sha256(json.dumps(profile.scores).encode()).hexdigest()[:16]
 
 
 def _sampling(body: dict, limit: int, default_max: int) -> tuple[int, float, float, int | None, list[str]]:

@@ -45,13 +45,13 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int, chunk_size: int, model: str, recipe: str, dtype: str):
         self.chunk_size = chunk_size
-        self.base = (model, f"{recipe}|chunk={chunk_size}", dtype)
+        self.base = (model, recipe, dtype)
         self.tier = MemoryTier(max_bytes)
         self.hits = 0
         self.hit_tokens = 0
 
     def _key(self, chain_hash: str, scope: str) -> ContextKey:
-        return ContextKey(*self.base, content_hash=chain_hash, scope=scope)
+        return ContextKey(*self.base, content_hash=chain_hash, scope=scope, chunk_size=self.chunk_size)
 
     def lookup(self, context: list[int], scope: str) -> tuple[int, CompressedCache] | None:
         """The longest saved prefix of ``context``: (tokens it covers, a private copy of its cache)."""

@@ -38,18 +38,28 @@ from safetensors.torch import save as save_tensors
 
 log = logging.getLogger("kvsqueeze.serve.store")
 
-FORMAT = 1
+# version of the entry layout (manifest fields, state_dict tensors); part of every key, so entries
+# written by another version are misses, never misread
+FORMAT = 2
 
 
 @dataclass(frozen=True)
 class ContextKey:
-    """What a stored cache depends on; ``scope`` separates API keys (``"public"`` without one)."""
+    """What a stored cache depends on; ``scope`` separates API keys (``"public"`` without one).
+
+    ``chunk_size`` is the prefill chunk the cache was compressed at (chunked recipes keep other
+    tokens at another chunk size), ``head_profile`` a digest of the head profile the recipe read
+    (``"none"``), ``format`` the entry layout's version.
+    """
 
     model: str
     recipe: str
     dtype: str
     content_hash: str
     scope: str = "public"
+    chunk_size: int = 0
+    head_profile: str = "none"
+    format: int = FORMAT
 
     def digest(self) -> str:
         """A file- and key-safe name for this key (sha256 of its fields)."""
@@ -78,7 +88,12 @@ class Entry:
 
 
 class CorruptEntryError(ValueError):
-    """A stored entry failed its checks (checksum, manifest, tensors)."""
+    """A stored entry failed its checks (checksum, manifest, tensors); ``meta`` is the manifest's
+    metadata when the manifest itself was sound (kept out of the message: it holds token ids)."""
+
+    def __init__(self, message: str, meta: dict | None = None):
+        super().__init__(message)
+        self.meta = meta
 
 
 class Tier(Protocol):
@@ -96,7 +111,7 @@ def encode(key: ContextKey, entry: Entry) -> tuple[bytes, bytes]:
     tensors = {name: t.detach().contiguous().cpu() for name, t in entry.tensors.items()}
     payload = save_tensors(tensors)
     manifest = {
-        "format": FORMAT,
+        "format": key.format,
         "key": asdict(key),
         "sha256": hashlib.sha256(payload).hexdigest(),
         "payload_bytes": len(payload),
@@ -110,7 +125,7 @@ def decode_manifest(key: ContextKey, raw: bytes) -> dict:
         manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CorruptEntryError(f"manifest is not JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != key.format:
         raise CorruptEntryError("manifest has an unknown format")
     if manifest.get("key") != asdict(key):
         raise CorruptEntryError(f"manifest is for another key: {manifest.get('key')}")
@@ -329,9 +344,9 @@ class TieredStore:
                     "corrupt context entry in %s tier (%s): %s; removed", tier.name, key.digest(), error
                 )
                 lookup.corrupt = True
-                lookup.errors.append(f"{tier.name}: {error.args[0]}")
-                if len(error.args) > 1 and lookup.entry is None:
-                    lookup.entry = Entry(None, error.args[1])
+                lookup.errors.append(f"{tier.name}: {error}")
+                if error.meta is not None and lookup.entry is None:
+                    lookup.entry = Entry(None, error.meta)
                 self._safely(tier, "remove", tier.remove, key)
                 continue
             except Exception as error:
