@@ -105,3 +105,19 @@ def test_a_full_waiting_queue_answers_429_with_retry_after(tiny, monkeypatch):
             assert refused.value.response.headers["retry-after"] == "1"
             gate.set()
             assert running.result() and waiting.result()
+
+
+def test_prompts_are_tokenized_off_the_event_loop(tiny, monkeypatch):
+    model, tokenizer = tiny
+    with serving(model, tokenizer, model_name=MODEL) as (base, server):
+        threads = []
+        encode = server.encode
+
+        def recording(text):
+            threads.append(threading.current_thread().name)
+            return encode(text)
+
+        monkeypatch.setattr(server, "encode", recording)
+        assert ask(base, "Hi", max_tokens=2) is not None
+        client(base).completions.create(model=MODEL, prompt="Some context.\n\nHi", max_tokens=2)
+    assert len(threads) == 4 and all(name.startswith("kvsqueeze-tokenize") for name in threads)

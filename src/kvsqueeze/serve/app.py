@@ -21,8 +21,11 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -40,8 +43,11 @@ from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
 from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
 from kvsqueeze.serve.supervisor import Supervisor
+from kvsqueeze.serve.text import TextStream
 
 log = logging.getLogger("kvsqueeze.serve")
+
+T = TypeVar("T")
 
 SENTINEL = "\x00kvsqueeze-document\x00"
 CONTEXT_PREFIX = "ctx-"
@@ -144,6 +150,7 @@ class Server:
         self.metrics = self._metrics()
         self.created = int(time.time())
         self.draining = False
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="kvsqueeze-tokenize")
 
     def _metrics(self) -> Metrics:
         metrics = Metrics()
@@ -189,6 +196,7 @@ class Server:
     def close(self) -> None:
         self.supervisor.stop()
         self.store.close()
+        self.tokenizer_thread.shutdown(wait=False)
 
     def begin_drain(self) -> None:
         """Refuse new requests from now on (the process is shutting down)."""
@@ -230,6 +238,15 @@ class Server:
         )
 
     # ---- prompts ---------------------------------------------------------------------------
+    async def off_loop(self, function: Callable[..., T], *args) -> T:
+        """``function(*args)`` on the tokenizer thread: tokenizing and rendering a long prompt
+        must not stall the event loop (every other stream's tokens); one thread, because a
+        tokenizer is not safe to use from several at once."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, function, *args)
+
+    def encode_split(self, context_text: str, prompt_text: str) -> tuple[list[int], list[int]]:
+        return self.encode(context_text), self.encode(prompt_text)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
@@ -403,8 +420,8 @@ def create_app(server: Server) -> FastAPI:
         document = body.get("document")
         if not isinstance(document, str) or not document:
             raise APIError(400, "'document' must be a non-empty string", param="document")
-        head = server.document_head([])
-        tokens = server.encode(head + document)
+        head = await server.off_loop(server.document_head, [])
+        tokens = await server.off_loop(server.encode, head + document)
         server.check_size(len(tokens), 0, 1)
         content_hash = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
         key = server.context_key(content_hash, scope)
@@ -475,7 +492,7 @@ def create_app(server: Server) -> FastAPI:
         if first is None:
             raise APIError(400, "messages need at least one user message", param="messages")
         head = lookup.entry.meta.get("head", "")
-        if server.document_head(messages[:first]) != head:
+        if await server.off_loop(server.document_head, messages[:first]) != head:
             raise APIError(
                 400,
                 "a request with context_id cannot put messages before the first user message that "
@@ -486,9 +503,10 @@ def create_app(server: Server) -> FastAPI:
             *messages[:first],
             {**messages[first], "content": SENTINEL + "\n\n" + messages[first]["content"]},
         ]
-        text = server.render([*marked, *messages[first + 1 :]])
+        text = await server.off_loop(server.render, [*marked, *messages[first + 1 :]])
         prompt_text = text[text.index(SENTINEL) + len(SENTINEL) :]
-        prepared = Prepared(lookup.entry.meta["tokens"], server.encode(prompt_text), 0, 0.0, 1.0, None, [])
+        prompt = await server.off_loop(server.encode, prompt_text)
+        prepared = Prepared(lookup.entry.meta["tokens"], prompt, 0, 0.0, 1.0, None, [])
         prepared.context_key = key
         if lookup.entry.tensors is None:  # corrupt everywhere: recompute from the manifest's tokens
             server.metrics.inc("context_cache_misses_total")
@@ -528,10 +546,9 @@ def create_app(server: Server) -> FastAPI:
         if context_id is not None:
             prepared = await resolve_context(context_id, scope, messages)
         else:
-            context_text, prompt_text = server.split_chat(messages)
-            prepared = Prepared(
-                server.encode(context_text), server.encode(prompt_text), 0, 0.0, 1.0, None, []
-            )
+            context_text, prompt_text = await server.off_loop(server.split_chat, messages)
+            context, prompt = await server.off_loop(server.encode_split, context_text, prompt_text)
+            prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
         prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
         return await respond(request, body, prepared, scope, arrival, chat=True)
 
@@ -549,7 +566,8 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "context_id is supported on /v1/chat/completions only", param="context_id")
         cut = prompt.rfind("\n\n")
         context_text, prompt_text = (prompt[:cut], prompt[cut:]) if cut > 0 else ("", prompt)
-        prepared = Prepared(server.encode(context_text), server.encode(prompt_text), 0, 0.0, 1.0, None, [])
+        context, prompt = await server.off_loop(server.encode_split, context_text, prompt_text)
+        prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
         sampling = _sampling(body, config.max_tokens_limit, 16)
         prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
         return await respond(request, body, prepared, scope, arrival, chat=False)
@@ -716,51 +734,3 @@ def create_app(server: Server) -> FastAPI:
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-class TextStream:
-    """Incremental detokenization with stop strings: ``push(token)`` returns the new text."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_ids: frozenset[int], stop: list[str]):
-        self.tokenizer, self.eos_ids, self.stop = tokenizer, eos_ids, stop
-        self.ids: list[int] = []
-        self.sent = ""
-        self.stopped = False
-        self.count = 0
-
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        if token in self.eos_ids:
-            return ""
-        self.count += 1
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        for stop in self.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text, self.stopped = text[:at], True
-        # hold back a tail that could be the start of a stop string
-        hold = 0 if self.stopped else max((_overlap(text, s) for s in self.stop), default=0)
-        visible = text[: len(text) - hold]
-        delta = visible[len(self.sent) :] if visible.startswith(self.sent) else ""
-        self.sent = visible if visible.startswith(self.sent) else self.sent
-        return delta
-
-    def flush(self) -> str:
-        if self.stopped:
-            return ""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta = text[len(self.sent) :] if text.startswith(self.sent) else ""
-        self.sent = text
-        return delta
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-    for size in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:size]):
-            return size
-    return 0
