@@ -11,6 +11,7 @@ from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import decode, prefill, prefill_context
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.app import APIError, ServeConfig, Server
+from kvsqueeze.serve.local import wait_for
 from kvsqueeze.serve.prefix import PrefixCache, chain_hashes
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
@@ -300,3 +301,33 @@ def test_a_request_that_fails_inside_the_batched_decode_fails_alone(monkeypatch)
         assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
     assert poisoned.raised >= 2  # in the batch, then alone
     assert runner.cache is None and not runner.scheduler.has_work()
+
+
+def test_a_step_that_raises_outside_the_model_fails_the_batch_and_the_next_requests_run(monkeypatch):
+    """The first wave's failure: ``stack`` raised as a request joined, then its recovery raised
+    too. Now the running row and the joining one fail with the reason; the worker goes on."""
+    model = install(tiny_model("llama"))
+    runner = Runner(model, Recipe.parse("full"), kv_memory=1 << 30, chunk_size=CHUNK)
+    running, joining, later = make_requests([(10, 3, 400), (12, 4, 8), (9, 2, 4)])
+    runner.start()
+    try:
+        runner.submit(running)
+        wait_for(lambda: len(running.sink.tokens) > 1, 30, "decoding")
+
+        def broken(caches):
+            raise RuntimeError("cannot stack")
+
+        monkeypatch.setattr(CompressedCache, "stack", broken)
+        runner.submit(joining)
+        wait_for(lambda: running.sink.ended and joining.sink.ended, 30, "both to fail")
+        monkeypatch.undo()
+        for seq in (running, joining):
+            assert seq.sink.events[-1] == (
+                "error",
+                "internal error in the model runner: RuntimeError: cannot stack",
+            )
+        runner.submit(later)
+        wait_for(lambda: later.sink.done, 30, "the next request")
+        assert later.sink.done["completion_tokens"] == 4 and runner.alive
+    finally:
+        runner.stop()

@@ -9,6 +9,10 @@ aligned at their ends by ``CompressedCache.stack``; each row gets its own positi
 mask that is zero over its ``offsets`` columns. Finished, cancelled and preempted rows leave with
 ``batch_select_indices``.
 
+Failures: a request whose prefill raises fails alone; a decode step that raises is isolated by
+``_isolate``; any other exception in a step fails the running batch; if the thread itself dies,
+``Supervisor`` calls ``recover`` (every request in flight fails) and starts it again.
+
 Results go out through each sequence's ``sink(event, value)`` (called on the worker thread):
 ``("token", id)``, ``("context", Entry)``, ``("done", info dict)``, ``("error", message)``.
 """
@@ -204,11 +208,12 @@ class Runner:
             while not self._stop.is_set():
                 try:
                     self.step(block=True)
-                except Exception:  # a bug must not kill the worker: fail the running requests, go on
+                except Exception as error:  # a bug must not kill the worker: fail the batch, go on
                     log.exception("runner step failed; failing the running requests")
-                    for seq in list(self.scheduler.running):
-                        self._finish(seq, "error", error="internal error in the model runner")
-                    self.cache = None
+                    joining = [self._joining] if self._joining is not None else []
+                    self._joining = None
+                    message = f"internal error in the model runner: {type(error).__name__}: {error}"
+                    self._fail([*self.scheduler.running, *joining], message)
         except BaseException as error:  # the recovery itself failed: ``Supervisor`` restarts us
             self.failure = f"{type(error).__name__}: {error}"
             log.critical("the model runner thread died: %s", self.failure, exc_info=True)
@@ -218,8 +223,9 @@ class Runner:
         queues and the batch, clear ``failure`` (``start`` may run again). Returns how many failed."""
         if self._thread is not None:
             self._thread.join(timeout=10)
-        failed = [*self.scheduler.running, *self.scheduler.waiting, *filter(None, [self._joining])]
+        joining = [self._joining] if self._joining is not None else []
         self._joining = None
+        failed = [*self.scheduler.running, *self.scheduler.waiting, *joining]
         while True:
             try:
                 command, seq = self.inbox.get_nowait()
@@ -239,13 +245,14 @@ class Runner:
         return self.waiting() + len(self.scheduler.running) + (self._joining is not None)
 
     def _fail(self, seqs: list[Sequence], message: str) -> int:
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
-        self.cache = None
+        """End ``seqs`` (every running one among them) with an error; their rows are not selected
+        out of the cache, which is dropped: it may be what failed."""
         failed = [seq for seq in seqs if seq.status is not Status.FINISHED]
         for seq in failed:
             self.scheduler.finish(seq, "error")
             seq.sink("error", message)
+        if not self.scheduler.running:
+            self.cache = None
         return len(failed)
 
     # ---- one step ----------------------------------------------------------------------------
