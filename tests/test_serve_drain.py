@@ -10,7 +10,10 @@ import openai
 import pytest
 from test_serve_helpers import http
 
+from kvsqueeze.serve.limits import ENVIRONMENT_VARIABLE
 from kvsqueeze.serve.local import local_server_process, wait_for
+
+KEY = "key-from-the-environment"
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,7 @@ def tiny_dir(tiny, tmp_path_factory):
 
 
 def stream(base, max_tokens, events):
-    chunks = openai.OpenAI(
-        api_key="unused", base_url=f"{base}/v1", max_retries=0, timeout=60
-    ).chat.completions
+    chunks = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=60).chat.completions
     try:
         for chunk in chunks.create(
             model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=max_tokens, stream=True
@@ -35,7 +36,8 @@ def stream(base, max_tokens, events):
         events.append(error)
 
 
-def test_sigterm_refuses_new_requests_finishes_short_ones_ends_long_ones_and_exits(tiny_dir):
+def test_sigterm_refuses_new_requests_finishes_short_ones_ends_long_ones_and_exits(tiny_dir, monkeypatch):
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, f"another-key,{KEY}")  # keys the server reads
     with local_server_process(
         "--model", tiny_dir, "--served-model-name", "tiny", "--drain-seconds", "5", "--log-level", "warning"
     ) as (base, process):
@@ -50,8 +52,10 @@ def test_sigterm_refuses_new_requests_finishes_short_ones_ends_long_ones_and_exi
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         wait_for(lambda: http("GET", f"{base}/health")[0] == 503, 10, "draining")
+        request = {"messages": [{"role": "user", "content": "Hi"}]}
+        assert http("POST", f"{base}/v1/chat/completions", body=request)[0] == 401
         status, body = http(
-            "POST", f"{base}/v1/chat/completions", body={"messages": [{"role": "user", "content": "Hi"}]}
+            "POST", f"{base}/v1/chat/completions", body=request, headers={"Authorization": f"Bearer {KEY}"}
         )
         assert status == 503 and "shutting down" in body["error"]["message"]
         assert process.wait(timeout=30) == 0
