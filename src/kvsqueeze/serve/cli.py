@@ -110,8 +110,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="accepted API keys, one per line (blank lines and # comments skipped); adds to --api-key "
-        f"and to the environment variable {ENVIRONMENT_VARIABLE} (comma-separated keys)",
+        help="a file of accepted API keys, one per line (blank lines and # comments skipped); keys "
+        f"from --api-key and from the environment variable {ENVIRONMENT_VARIABLE} (comma-separated) "
+        "are accepted too",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
@@ -180,7 +181,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count(1),
         default=None,
         metavar="N",
         help="torch intra-op threads (default: torch's choice); 1 avoids OpenMP stalls on a busy CPU",
