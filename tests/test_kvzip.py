@@ -66,8 +66,7 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
         return scores
 
     def observing(self, layer_idx, observation):
-        seen = self.layers[layer_idx].seen
-        observed.append(list(range(seen - observation.new_tokens, seen)))
+        observed.append(list(observation.new_slots))
         original_observe(self, layer_idx, observation)
 
     monkeypatch.setattr(KVzip, "score", scoring)

@@ -194,7 +194,7 @@ def observe(
         query_slots=query_slots[:, q_len - window :].clone(),
         scaling=scale,
         last_row=last_row,
-        new_tokens=q_len,
+        new_slots=range(layer.seen - q_len, layer.seen),
     )
     if recipe.scorer.statistics:
         valid = held.slots >= 0

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 from kvsqueeze.baseline import layer_windows
 from kvsqueeze.compat import rope_inverse_frequencies
-from kvsqueeze.compression import compress
+from kvsqueeze.compression import compress, merge_observations
 from kvsqueeze.kernels.decode import first_visible
 from kvsqueeze.storage.layer import PagedLayer, concat_layer_exports
 from kvsqueeze.storage.pool import Workspace
@@ -76,6 +76,7 @@ class CompressedCache(Cache):
         self.compress_prefill = True
         self.protect_from: int | None = None
         self.quantize_now = True
+        self.defer_compression = False
         self.context_tokens: torch.Tensor | None = None
         self.offsets: torch.Tensor | None = None
         self.observations: dict[int, Observation] = {}
@@ -129,25 +130,32 @@ class CompressedCache(Cache):
         compress_prefill: bool | None = None,
         protect_from: int | None = None,
         quantize_now: bool | None = None,
+        defer_compression: bool | None = None,
     ):
         """Temporarily turn prefill compression on/off, protect every slot ``>= protect_from``,
-        or (``quantize_now=False``) hold every new token in 16 bits until ``settle()``.
+        (``quantize_now=False``) hold every new token in 16 bits until ``settle()``, or
+        (``defer_compression=True``) record what each forward observes without compressing,
+        its statistics combined with the earlier forwards' (``merge_observations``), until
+        ``compress_observed()``.
 
         Protected tokens (e.g. the question in query-aware mode) are always kept and are not
         counted in the budget. Holding quantization lets a later pass evict before anything is
-        quantized, so no block loses tokens after it got its scales.
+        quantized, so no block loses tokens after it got its scales. Deferring lets several
+        forwards score the same tokens (KVzip's reconstruction chunks) before one compression.
         """
-        saved = (self.compress_prefill, self.protect_from, self.quantize_now)
+        saved = (self.compress_prefill, self.protect_from, self.quantize_now, self.defer_compression)
         if compress_prefill is not None:
             self.compress_prefill = compress_prefill
         if protect_from is not None:
             self.protect_from = protect_from
         if quantize_now is not None:
             self.quantize_now = quantize_now
+        if defer_compression is not None:
+            self.defer_compression = defer_compression
         try:
             yield self
         finally:
-            self.compress_prefill, self.protect_from, self.quantize_now = saved
+            self.compress_prefill, self.protect_from, self.quantize_now, self.defer_compression = saved
 
     def compresses(self, layer: PagedLayer, query_length: int) -> bool:
         """Whether a forward of ``query_length`` new tokens is compressed in ``layer``."""
@@ -164,16 +172,23 @@ class CompressedCache(Cache):
 
     def observe(self, layer_idx: int, observation: Observation) -> None:
         """Record what layer ``layer_idx``'s attention saw during this forward (for ``compress``)."""
+        earlier = self.observations.get(layer_idx)
+        if earlier is not None and self.defer_compression:
+            observation = merge_observations(earlier, observation)
         self.observations[layer_idx] = observation
 
     def end_forward(self) -> None:
         """After a forward: compress what it observed, let sliding layers drop what slid out of
         their window, and quantize full blocks (unless held)."""
-        if self.observations:
+        if self.observations and not self.defer_compression:
             compress(self)
         for layer in self.layers:
             if layer.is_initialized:
                 layer.after_forward(self.quantize_now)
+
+    def compress_observed(self) -> None:
+        """Compress with what the forwards run under ``settings(defer_compression=True)`` observed."""
+        compress(self)
 
     def settle(self) -> None:
         """Quantize in every layer the full blocks a quantizer moves out of the 16-bit window."""

@@ -11,6 +11,7 @@ rankings stay in memory until the budget has seen every layer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ class Observation:
     ``last_row [B, T]`` is the model's mask for the forward's last query over slots (None: no
     mask, every held token is visible); ``statistics`` maps a ``ScoringInputs`` statistic name
     (``attention_mass``, ``attention_peak``) to its value over *every* query of the forward,
-    indexed by slot, ``[B, Hkv, n_rep, T]``; ``new_tokens`` is the forward's length.
+    indexed by slot, ``[B, Hkv, n_rep, T]``; ``new_slots`` are the slots of the forward's tokens.
     """
 
     queries: torch.Tensor
@@ -40,8 +41,27 @@ class Observation:
     query_slots: torch.Tensor
     scaling: float
     last_row: torch.Tensor | None
-    new_tokens: int
+    new_slots: range
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+COMBINED_OVER_FORWARDS = {"attention_mass": torch.add, "attention_peak": torch.maximum}
+"""How a statistic of several forwards combines at one slot: the masses add up, the peak is the
+largest of the peaks."""
+
+
+def merge_observations(earlier: Observation, later: Observation) -> Observation:
+    """``later`` with each statistic combined with ``earlier``'s (``COMBINED_OVER_FORWARDS``) over
+    the slots both forwards held; past those, ``later``'s values (a reconstruction pass crops each
+    copy before the next, so only the context's slots are held by both)."""
+    statistics = {}
+    for name, statistic in later.statistics.items():
+        before = earlier.statistics[name]
+        shared = min(before.shape[-1], statistic.shape[-1])
+        merged = statistic.clone()
+        merged[..., :shared] = COMBINED_OVER_FORWARDS[name](before[..., :shared], statistic[..., :shared])
+        statistics[name] = merged
+    return dataclasses.replace(later, statistics=statistics)
 
 
 def visible_to_last_query(observation: Observation, slots: torch.Tensor) -> torch.Tensor:
@@ -92,14 +112,12 @@ def new_context_tokens(cache: CompressedCache, observed: list[tuple[int, Observa
     """``[B]`` context tokens the forward added per row: its tokens that are neither padding nor
     protected, read off the mask row of a full-attention layer (a sliding layer's hides what is
     outside its window)."""
-    index, observation = next(
-        ((i, obs) for i, obs in observed if cache.layers[i].window is None), observed[0]
-    )
-    seen, fed = cache.layers[index].seen, observation.new_tokens
-    slots = torch.arange(seen - fed, seen, device=observation.queries.device)
-    real = torch.ones(observation.queries.shape[0], fed, dtype=torch.bool, device=slots.device)
+    observation = next((obs for i, obs in observed if cache.layers[i].window is None), observed[0][1])
+    fed = observation.new_slots
+    slots = torch.arange(fed.start, fed.stop, device=observation.queries.device)
+    real = torch.ones(observation.queries.shape[0], len(fed), dtype=torch.bool, device=slots.device)
     if observation.last_row is not None:
-        real = observation.last_row[:, seen - fed : seen]
+        real = observation.last_row[:, fed.start : fed.stop]
     if cache.protect_from is not None:
         real = real & (slots < cache.protect_from)
     return real.sum(-1)
