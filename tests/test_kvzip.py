@@ -10,8 +10,8 @@ import torch
 
 from kvsqueeze import CompressedCache, generate, generate_batch, install
 from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, split_prompt
-from kvsqueeze.prefill import repeat_request
-from kvsqueeze.recipe import Recipe
+from kvsqueeze.prefill import SMALLEST_CHUNK, ReconstructionPrefill, RepeatRequests
+from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import NEVER_EVICT, KVzip
 from kvsqueeze.scorers.base import inputs_from_tensors
 
@@ -56,13 +56,14 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
     context_text, _ = split_prompt(tokenizer, CONTEXT, "What is the pass key?")
     ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
     length = ids.shape[1]
-    request, header = repeat_request(tokenizer)
+    requests = RepeatRequests.of(tokenizer)
+    request, header = requests.first, requests.header
     seen, observed = [], []
     original_score, original_observe = KVzip.score, CompressedCache.observe
 
     def scoring(self, inputs):
         scores = original_score(self, inputs)
-        seen.append((inputs.protected[0, 0].sum().item(), scores))
+        seen.append(scores)
         return scores
 
     def observing(self, layer_idx, observation):
@@ -76,16 +77,139 @@ def test_reconstruction_pass_scores_the_copy_and_leaves_only_context(tiny, monke
 
     copy_length = len(request) + length - len(header)
     assert len(seen) == len(observed) == len(cache.layers) == 2
-    # the attention peaks come from the queries of the copy's forward, the only one observed
+    # the attention peaks come from the queries of the copy's forward, the only one observed; the
+    # copy is cropped off before the compression, so only the context is scored
     assert observed == [list(range(length, length + copy_length))] * 2
-    assert [protected for protected, _ in seen] == [copy_length] * 2
+    assert [scores.shape[-1] for scores in seen] == [length] * 2
     assert cache.get_seq_length() == length
-    for layer, (_, scores) in zip(cache.layers, seen, strict=True):
+    for layer, scores in zip(cache.layers, seen, strict=True):
         assert (layer.held_lengths() == math.ceil(0.5 * length)).all()
         for head in range(layer.held_lengths().shape[1]):
             kept = set(layer.view().slots[0, head].tolist())
-            best = scores[0, head, :length].topk(math.ceil(0.5 * length)).indices.tolist()
+            best = scores[0, head].topk(math.ceil(0.5 * length)).indices.tolist()
             assert kept == set(best)
+
+
+def _one_pass_reference(model, tokenizer, recipe: str, ids: torch.Tensor) -> CompressedCache:
+    """KVzip as one pass: the context uncompressed, then the repeat request and the whole copy in
+    one forward compressed with the copy protected, then the copy cropped off."""
+    requests = RepeatRequests.of(tokenizer)
+    request, header = requests.first, requests.header
+    copy = torch.tensor([request + ids[0, len(header) :].tolist()])
+    cache = CompressedCache(Recipe.parse(recipe))
+    with cache.settings(compress_prefill=False):
+        prefill(model, cache, ids, torch.ones_like(ids))
+    cache.count_context(torch.tensor([ids.shape[1]]))
+    with cache.settings(protect_from=ids.shape[1]):
+        prefill(model, cache, copy, torch.ones(1, ids.shape[1] + copy.shape[1], dtype=torch.long))
+    cache.crop(-copy.shape[1])
+    return cache
+
+
+def _kept_slots(cache: CompressedCache) -> list[list[set[int]]]:
+    return [
+        [set(layer.view().slots[0, head].tolist()) for head in range(layer.held_lengths().shape[1])]
+        for layer in cache.layers
+    ]
+
+
+@pytest.mark.parametrize("recipe", ["kvzip@0.5", "kvzip+global@0.75"])
+def test_a_chunk_as_long_as_the_context_keeps_what_one_pass_keeps(tiny, recipe):
+    model, tokenizer = tiny
+    install(model)
+    context_text, _ = split_prompt(tokenizer, CONTEXT, "What is the pass key?")
+    ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
+    reference = _one_pass_reference(model, tokenizer, recipe, ids)
+    chunked = CompressedCache(Recipe.parse(recipe.replace("kvzip", f"kvzip:chunk={ids.shape[1]}")))
+    prefill_context(model, tokenizer, chunked, ids, torch.ones_like(ids))
+    assert _kept_slots(chunked) == _kept_slots(reference)
+    assert chunked.nbytes() == reference.nbytes()
+    shorter = CompressedCache(Recipe.parse(recipe.replace("kvzip", "kvzip:chunk=32")))
+    prefill_context(model, tokenizer, shorter, ids, torch.ones_like(ids))
+    assert _kept_slots(shorter) != _kept_slots(reference)  # the pieces' queries do score differently
+
+
+def _peak_while_prefilling(
+    model, tokenizer, cache: CompressedCache, ids: torch.Tensor
+) -> tuple[int, list[int]]:
+    """Most bytes ``cache`` held at the end of any forward of ``prefill_context``, and each
+    forward's length."""
+    peaks, lengths = [0], []
+
+    def record(module, args, kwargs, output):
+        peaks.append(max(peaks[-1], cache.nbytes()))
+        lengths.append(kwargs["input_ids"].shape[1])
+
+    hook = model.base_model.register_forward_hook(record, with_kwargs=True)
+    try:
+        prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    finally:
+        hook.remove()
+    return peaks[-1], lengths
+
+
+def _bytes_holding(model, tokens: int) -> int:
+    """What an uncompressed cache holds after a forward of ``tokens`` tokens."""
+    cache = CompressedCache()
+    prefill(model, cache, torch.full((1, tokens), 7), torch.ones(1, tokens, dtype=torch.long))
+    return cache.nbytes()
+
+
+def test_a_context_longer_than_half_the_window_compresses_holding_one_piece_of_copy(tiny, monkeypatch):
+    model, tokenizer = tiny
+    install(model)
+    ids = torch.tensor([tokenizer.encode(CONTEXT)])
+    length, request = ids.shape[1], RepeatRequests.of(tokenizer).longest
+    room = SMALLEST_CHUNK + 6
+    window = length + request + room
+    monkeypatch.setattr(model.config, "max_position_embeddings", window)
+    assert 2 * length > window
+    cache = CompressedCache(Recipe.parse("kvzip@0.5"))
+    peak, lengths = _peak_while_prefilling(model, tokenizer, cache, ids)
+
+    assert lengths[0] == length and len(lengths) > 2  # the context, then pieces of copy
+    assert max(lengths[1:]) <= request + room  # the default 2048-token chunk shrank to fit
+    assert all(length + fed <= window for fed in lengths[1:])
+    assert _bytes_holding(model, length) < peak <= _bytes_holding(model, length + request + room)
+    assert cache.get_seq_length() == length
+    for layer in cache.layers:
+        assert (layer.held_lengths() == math.ceil(0.5 * length)).all()
+
+
+def test_global_threshold_over_chunks_keeps_the_ratio_of_the_context(tiny):
+    model, tokenizer = tiny
+    install(model)
+    ids = torch.tensor([tokenizer.encode(CONTEXT)])
+    cache = CompressedCache(Recipe.parse("kvzip:chunk=32+global@0.75"))
+    _, lengths = _peak_while_prefilling(model, tokenizer, cache, ids)
+    assert len(lengths) > 2
+    per_head = math.ceil(0.25 * ids.shape[1])
+    heads = [layer.held_lengths() for layer in cache.layers]
+    assert sum(int(held.sum()) for held in heads) == per_head * sum(held.numel() for held in heads)
+    assert len({int(n) for held in heads for n in held.flatten()}) > 1  # not a uniform share
+
+
+def test_a_context_with_no_room_for_a_small_piece_is_refused_before_any_work(tiny, monkeypatch):
+    model, tokenizer = tiny
+    install(model)
+    ids = torch.tensor([tokenizer.encode(CONTEXT)])
+    strategy = ReconstructionPrefill(tokenizer)
+    cache = CompressedCache(Recipe.parse("kvzip@0.5"))
+    fits = strategy.positions_needed(ids.shape[1])
+    assert fits == ids.shape[1] + strategy.requests.longest + SMALLEST_CHUNK
+    monkeypatch.setattr(model.config, "max_position_embeddings", fits - 1)
+    with pytest.raises(ContextTooLongError, match=f"at most {ids.shape[1] - 1}"):
+        prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    assert cache.get_seq_length() == 0
+    monkeypatch.setattr(model.config, "max_position_embeddings", fits)
+    prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_chunk_out_of_range_is_an_error():
+    with pytest.raises(RecipeError, match="kvzip:chunk must be"):
+        Recipe.parse("kvzip:chunk=8@0.5")
+    assert Recipe.parse("kvzip:chunk=512@0.5").prefill_strategy().chunk == 512
 
 
 def test_kvzip_needs_the_tokenizer_and_ignores_query_awareness(tiny):
@@ -101,18 +225,6 @@ def test_kvzip_needs_the_tokenizer_and_ignores_query_awareness(tiny):
     assert (aware.answer, aware.kv_bytes) == (agnostic.answer, agnostic.kv_bytes)
     full = generate(model, tokenizer, CONTEXT, "What is the pass key?", max_new_tokens=1)
     assert agnostic.kv_bytes_full == full.kv_bytes_full
-
-
-def test_a_context_longer_than_half_the_window_is_refused_before_any_work(tiny, monkeypatch):
-    model, tokenizer = tiny
-    install(model)
-    ids = torch.tensor([tokenizer.encode(CONTEXT)])
-    cache = CompressedCache(Recipe.parse("kvzip@0.5"))
-    monkeypatch.setattr(model.config, "max_position_embeddings", 2 * ids.shape[1])
-    with pytest.raises(ContextTooLongError, match="feeding it twice"):
-        prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
-    assert cache.get_seq_length() == 0
-    prefill_context(model, tokenizer, CompressedCache(Recipe.parse("snapkv@0.5")), ids, torch.ones_like(ids))
 
 
 def _feed_with_junk(model, cache, context, junk, question, crop: bool) -> torch.Tensor:
@@ -165,12 +277,14 @@ def test_quantizer_packs_only_what_the_reconstruction_pass_kept(tiny):
         assert (layer.dense.count == kept - quantized.count).all()
 
 
-def test_batched_reconstruction_matches_each_context_alone(tiny):
+@pytest.mark.parametrize("recipe", ["kvzip+words@0.5", "kvzip:chunk=24+words@0.5"])
+def test_batched_reconstruction_matches_each_context_alone(tiny, recipe):
+    """With short pieces the rows need different numbers of reconstruction forwards."""
     model, tokenizer = tiny
     install(model)
     pairs = [(CONTEXT, "What is the pass key?"), ("Short note: the door code is 12. " * 4, "Code?")]
-    batch = generate_batch(model, tokenizer, pairs, "kvzip+words@0.5", max_new_tokens=5)
+    batch = generate_batch(model, tokenizer, pairs, recipe, max_new_tokens=5)
     for (context, question), together in zip(pairs, batch, strict=True):
-        alone = generate(model, tokenizer, context, question, "kvzip+words@0.5", max_new_tokens=5)
+        alone = generate(model, tokenizer, context, question, recipe, max_new_tokens=5)
         assert together.answer == alone.answer
         assert together.tokens_kept > 0

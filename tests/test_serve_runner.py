@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 from kvsqueeze.attention import install
 from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import decode, prefill, prefill_context
+from kvsqueeze.prefill import SMALLEST_CHUNK
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.app import APIError, ServeConfig, Server
 from kvsqueeze.serve.local import wait_for
@@ -144,15 +145,17 @@ def test_kvzip_in_the_server_answers_as_the_engine_and_budgets_its_reconstructio
         Runner(model, recipe, kv_memory=1 << 30)
 
 
-def test_the_server_refuses_a_kvzip_context_it_cannot_feed_twice(tiny):
+def test_the_server_refuses_a_kvzip_context_only_with_no_room_for_a_piece_of_copy(tiny):
     model, tokenizer = tiny
     server = Server(ServeConfig(model_name="tiny", recipe="kvzip@0.5"), model, tokenizer)
-    half = server.max_length // 2
-    request = server.runner.strategy.positions_needed(0)  # the repeat request alone
-    server.check_size(half - request, 8, 8)
-    with pytest.raises(APIError, match="feeding it twice"):
-        server.check_size(half, 8, 8)
-    Server(ServeConfig(model_name="tiny", recipe="snapkv@0.5"), model, tokenizer).check_size(half, 8, 8)
+    longest = server.max_length - server.runner.strategy.positions_needed(0) - SMALLEST_CHUNK
+    server.check_size(server.max_length // 2 + 1, 8, 8)  # more than half the window
+    server.check_size(longest, 8, 8)
+    with pytest.raises(APIError, match="shorten the context by 1 tokens"):
+        server.check_size(longest + 1, 8, 8)
+    Server(ServeConfig(model_name="tiny", recipe="snapkv@0.5"), model, tokenizer).check_size(
+        longest + 1, 8, 8
+    )
 
 
 def test_small_budget_waits_and_preempts_without_mixing_answers():

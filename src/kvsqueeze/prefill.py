@@ -9,14 +9,16 @@ chunk ``k`` and resume another request from it). The recipe picks its strategy
 - ``ChunkedPrefill``: ``chunk_size`` tokens per forward, each compressed when it ends: peak =
   kept tokens + one chunk. A recipe that evicts and quantizes keeps the context in 16 bits until
   it is compressed, then quantizes it once (no block loses tokens after its scales were set).
-- ``ReconstructionPrefill`` (KVzip): the whole context uncompressed, then a repeat request and a
-  copy of the context, teacher-forced and compressed with the copy protected; the copy is then
-  cropped off. Peak = context + request + copy, uncompressed; no reusable intermediate state.
+- ``ReconstructionPrefill`` (KVzip): the whole context uncompressed, then, piece by piece, a
+  repeat request and a piece of the context's copy, teacher-forced with the copy protected and
+  cropped off; the context is compressed once, on the largest attention any piece gave each
+  token. Peak = context + request + one piece, uncompressed; no reusable intermediate state.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -155,62 +157,151 @@ class ChunkedPrefill(PrefillStrategy):
 
 
 REPEAT_REQUEST = "Repeat the previous context exactly."
-"""What KVzip's reconstruction pass asks for before the copy of the context."""
+"""What KVzip's reconstruction pass asks for before the copy of the context's first chunk."""
+
+CONTINUE_REQUEST = "Repeat the part of the previous context exactly, starting with"
+"""What it asks for before the copy of a later chunk, followed by the last ``RESUME_TOKENS`` of
+the chunk before (so the model knows where the copy resumes, as KVzip's code does)."""
+
+RESUME_TOKENS = 8
+
+SMALLEST_CHUNK = 64
+"""Copy tokens per reconstruction forward below which a context is refused (a context close to
+the model's window leaves that little room after it)."""
 
 
-def repeat_request(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    """Token ids of the repeat request (ending the user's turn, opening the answer) and of the
-    chat header that precedes a context (not copied: the copy is the user's text)."""
-    marker = "<<context>>"
-    header, turn_end = chat_prompt(tokenizer, marker).split(marker)
-    request = tokenizer.encode(f"\n\n{REPEAT_REQUEST}{turn_end}", add_special_tokens=False)
-    return request, tokenizer.encode(header, add_special_tokens=False)
+@dataclass(frozen=True)
+class RepeatRequests:
+    """Token ids of KVzip's repeat requests in a tokenizer's chat template.
+
+    ``header`` is the chat header that precedes a context (not copied: the copy is the user's
+    text); ``first`` asks for the copy's first piece, ending the user's turn and opening the
+    answer; a later piece is asked for with ``resume``, the last ``RESUME_TOKENS`` of the piece
+    before it and ``turn_end``.
+    """
+
+    header: list[int]
+    first: list[int]
+    resume: list[int]
+    turn_end: list[int]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> RepeatRequests:
+        marker = "<<context>>"
+        header, turn_end = chat_prompt(tokenizer, marker).split(marker)
+        return cls(
+            header=tokenizer.encode(header, add_special_tokens=False),
+            first=tokenizer.encode(f"\n\n{REPEAT_REQUEST}{turn_end}", add_special_tokens=False),
+            resume=tokenizer.encode(f"\n\n{CONTINUE_REQUEST} ", add_special_tokens=False),
+            turn_end=tokenizer.encode(turn_end, add_special_tokens=False),
+        )
+
+    def before(self, previous: list[int] | None) -> list[int]:
+        """The request before the piece that follows ``previous`` (None: the first piece)."""
+        if previous is None:
+            return self.first
+        return self.resume + previous[-RESUME_TOKENS:] + self.turn_end
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest request."""
+        return max(len(self.first), len(self.resume) + RESUME_TOKENS + len(self.turn_end))
 
 
 class ReconstructionPrefill(PrefillStrategy):
-    """KVzip's pass: the context whole, then a repeat request and its copy, compressed with the
-    copy protected; the copy is cropped off, so the cache then holds context tokens only and the
-    next token follows the context. A quantizer quantizes what is kept only then."""
+    """KVzip's pass: the context prefilled uncompressed, then, ``chunk`` copy tokens at a time,
+    a repeat request and that piece of the copy, teacher-forced with the copy protected and
+    cropped off after its forward; each context token scores its largest attention over every
+    piece's queries, and the context is compressed once, after the last piece. The cache then
+    holds context tokens only and the next token follows the context. A quantizer quantizes what
+    is kept only then. Peak = context + request + one piece, uncompressed; the pieces get shorter
+    when the model's window has no room for ``chunk`` tokens after the context.
+    """
 
     reuses_prefix_states = False
     sees_question = False
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, chunk: int = 2048):
+        super().__init__(tokenizer)
+        self.chunk = chunk
+        self._requests: RepeatRequests | None = None
+
+    @property
+    def requests(self) -> RepeatRequests:
+        if self._requests is None:
+            self._requests = RepeatRequests.of(self.tokenizer)
+        return self._requests
 
     def check(self, recipe) -> None:
         if self.tokenizer is None:
             raise ValueError(f"{recipe} reads the context's tokens: pass the tokenizer")
 
     def positions_needed(self, context: int) -> int:
-        """The context, the repeat request and the copy."""
-        return 2 * context + len(repeat_request(self.tokenizer)[0])
+        """The context, the longest repeat request and the shortest piece of copy accepted."""
+        return context + self.requests.longest + min(self.chunk, context, SMALLEST_CHUNK)
+
+    def piece_length(self, context: int, copy: int, limit: int) -> int:
+        """Copy tokens per forward for a ``context``-token context whose copy has ``copy`` tokens,
+        so that its positions stay within ``limit``; raises ``ContextTooLongError`` when not even
+        ``SMALLEST_CHUNK`` of them fit."""
+        wanted, smallest = min(self.chunk, copy), min(self.chunk, copy, SMALLEST_CHUNK)
+        room = limit - context - self.requests.longest
+        if room < smallest:
+            raise ContextTooLongError(
+                f"reconstructing a context to compress it needs room in the model's window after it for "
+                f"a repeat request and {smallest} copied tokens: this context has {context} tokens, the "
+                f"model supports {limit}; shorten the context to at most {context + room - smallest}"
+            )
+        return min(wanted, room)
 
     def prefill(self, model, cache, ids, mask, chunk_size=None, start=0, on_chunk=None) -> torch.Tensor:
         if start:
             raise ValueError("a reconstruction pass compresses a whole context: it cannot resume a prefix")
         self._set_units(cache, ids, mask)
-        tokenizer = self.tokenizer
-        request, header = repeat_request(tokenizer)
-        rows = []
-        for row_ids, row_mask in zip(ids.tolist(), mask[:, -ids.shape[1] :].tolist(), strict=True):
-            row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
-            rows.append(request + (row[len(header) :] if row[: len(header)] == header else row))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        copy_ids, copy_mask = (t.to(ids.device) for t in left_pad(rows, pad_id))
-        needed, limit = mask.shape[1] + copy_ids.shape[1], max_context_length(model, tokenizer)
-        if needed > limit:
-            raise ContextTooLongError(
-                f"{cache.recipe.scorer.name} compresses a context by feeding it twice: this one needs "
-                f"{needed} tokens but the model supports {limit}; shorten the context to less than half of "
-                "that"
-            )
+        copies = self._copies(ids, mask)
+        longest = int(mask.sum(-1).max())
+        piece = self.piece_length(
+            longest, max(len(copy) for copy in copies), max_context_length(model, self.tokenizer)
+        )
         with cache.settings(compress_prefill=False, quantize_now=False):
             logits = prefill(model, cache, ids, mask, chunk_size)
         context_length = cache.get_seq_length()
         cache.count_context(mask.sum(-1))
-        with cache.settings(protect_from=context_length, quantize_now=False):
-            prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
-        cache.crop(-copy_ids.shape[1])
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        with cache.settings(protect_from=context_length, quantize_now=False, defer_compression=True):
+            for rows in self._rounds(copies, piece):
+                copy_ids, copy_mask = (t.to(ids.device) for t in left_pad(rows, pad_id))
+                prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
+                cache.crop(-copy_ids.shape[1])
+            cache.compress_observed()
         cache.settle()
         return logits
 
+    def _copies(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+        """Per row, the context tokens to copy: its real tokens without the chat header."""
+        header = self.requests.header
+        copies = []
+        for row_ids, row_mask in zip(ids.tolist(), mask[:, -ids.shape[1] :].tolist(), strict=True):
+            row = [token for token, real in zip(row_ids, row_mask, strict=True) if real]
+            copies.append(row[len(header) :] if row[: len(header)] == header else row)
+        return copies
+
+    def _rounds(self, copies: list[list[int]], piece: int) -> list[list[list[int]]]:
+        """The rows of each reconstruction forward: per row, a repeat request and its next piece
+        of copy. A row whose copy is done repeats its last forward, which leaves its largest
+        attentions as they were."""
+        feeds = []
+        for copy in copies:
+            pieces = [copy[i : i + piece] for i in range(0, len(copy), piece)] or [[]]
+            feeds.append(
+                [
+                    self.requests.before(before) + now
+                    for before, now in zip([None, *pieces[:-1]], pieces, strict=True)
+                ]
+            )
+        rounds = max(len(row) for row in feeds)
+        return [[row[min(k, len(row) - 1)] for row in feeds] for k in range(rounds)]
+
     def peak_tokens(self, context: int, kept: int, chunk_size: int | None) -> int:
-        return self.positions_needed(context)
+        return context + self.requests.longest + min(self.chunk, context)

@@ -139,7 +139,7 @@ class Recipe:
     def prefill_strategy(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PrefillStrategy:
         """How a context is fed to a cache of this recipe (``kvsqueeze.prefill``)."""
         if self.reconstructs:
-            return ReconstructionPrefill(tokenizer)
+            return ReconstructionPrefill(tokenizer, self.scorer.chunk)
         return ChunkedPrefill(tokenizer)
 
     def keep_counts(self, context_tokens: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:

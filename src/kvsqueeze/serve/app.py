@@ -283,9 +283,9 @@ class Server:
         if (fed := self.runner.strategy.positions_needed(context)) > self.max_length:
             raise APIError(
                 400,
-                f"{self.runner.recipe} compresses a context by feeding it twice: this context needs "
-                f"{fed} tokens but the model supports {self.max_length}; shorten the context to "
-                "less than half of that",
+                f"{self.runner.recipe} feeds more than the context to compress it: this context needs "
+                f"{fed} positions but the model supports {self.max_length}; shorten the context by "
+                f"{fed - self.max_length} tokens",
                 "context_length_exceeded",
             )
         need = self.runner.bytes_needed_alone(context, prompt, max_tokens)
