@@ -170,10 +170,11 @@ class Scorer(Component):
 
     ``needs_attention`` marks scorers that compute attention probabilities (an extra pass).
     ``reconstructs`` marks scorers that score on the engine's context-reconstruction pass
-    (KVzip) instead of on the context's own prefill. What a scorer reads of the compressed
-    forward's queries is declared: ``observed_queries()`` (how many of the last queries the
-    attention function keeps) and ``statistics`` (``ScoringInputs`` statistics computed over every
-    query while the forward runs, e.g. ``"attention_mass"``).
+    (KVzip) instead of on the context's own prefill; such a scorer has a ``chunk`` option, the
+    copy tokens reconstructed per forward (``kvsqueeze.prefill.ReconstructionPrefill``). What a
+    scorer reads of the compressed forward's queries is declared: ``observed_queries()`` (how
+    many of the last queries the attention function keeps) and ``statistics`` (``ScoringInputs``
+    statistics computed over every query while the forward runs, e.g. ``"attention_mass"``).
     """
 
     kind = "scorer"

@@ -133,8 +133,8 @@ class Runner:
 
     def _peak(self, context: int, tail: int, restored: bool = False) -> int:
         """Tokens per head at the peak: while the context is compressed (as its prefill strategy
-        says: one uncompressed chunk on top of what is kept, or KVzip's context and copy), or
-        once the tail is fed."""
+        says: one uncompressed chunk on top of what is kept, or KVzip's context and one piece of
+        its copy), or once the tail is fed."""
         kept = self.kept(context)
         if restored or kept == context:
             during = kept
