@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvsqueeze import CompressedCache, generate, generate_batch, install
+from kvsqueeze.compression import COMBINED_OVER_FORWARDS, Observation, merge_observations
 from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, split_prompt
 from kvsqueeze.prefill import SMALLEST_CHUNK, ReconstructionPrefill, RepeatRequests
 from kvsqueeze.recipe import Recipe, RecipeError
@@ -26,6 +27,31 @@ def test_attention_peak_matches_blocked_attention():
     valid = torch.rand(1, 2, 16, generator=torch.Generator().manual_seed(4)) > 0.3
     inputs = inputs_from_tensors(randn(1, 2, 16, 8), randn(1, 4, 7, 8, seed=1), valid=valid)
     torch.testing.assert_close(inputs.attention_peak(block=2), inputs.attention(block=3).amax(3))
+
+
+def _observation(length: int, seed: int) -> Observation:
+    statistics = {
+        name: randn(1, 2, 3, length, seed=seed + i) for i, name in enumerate(COMBINED_OVER_FORWARDS)
+    }
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    return Observation(
+        torch.zeros(1, 6, 0, 8), empty, empty, 1.0, None, range(length - 3, length), statistics
+    )
+
+
+def test_deferred_forwards_combine_peaks_by_max_and_masses_by_sum_over_shared_slots():
+    earlier, later = _observation(10, seed=0), _observation(7, seed=5)
+    merged = merge_observations(earlier, later)
+    peak, mass = merged.statistics["attention_peak"], merged.statistics["attention_mass"]
+    torch.testing.assert_close(
+        peak, torch.maximum(earlier.statistics["attention_peak"][..., :7], later.statistics["attention_peak"])
+    )
+    torch.testing.assert_close(
+        mass, earlier.statistics["attention_mass"][..., :7] + later.statistics["attention_mass"]
+    )
+    assert merged.new_slots == later.new_slots
+    longer = merge_observations(later, earlier).statistics["attention_peak"]
+    torch.testing.assert_close(longer[..., 7:], earlier.statistics["attention_peak"][..., 7:])
 
 
 def test_kvzip_scores_the_largest_attention_of_any_query_head_and_query():
