@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast test-serve serve bench bench-decode bench-serve bench-transformers redis eval leaderboard clean
+.PHONY: demo test test-fast test-serve serve bench bench-decode bench-kvzip bench-serve bench-transformers redis eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ bench: $(STAMP)
 bench-decode: $(STAMP)
 	@mkdir -p benchmarks/out
 	$(BIN)/python benchmarks/decode_scaling.py --json benchmarks/out/decode_scaling.json
+
+# KVzip's chunked reconstruction on 4k and 7k passkey prompts: peak KV bytes and prefill time vs full
+bench-kvzip: $(STAMP)
+	$(BIN)/python benchmarks/kvzip_chunked.py
 
 # kvsqueeze's quantizers next to transformers' QuantizedCache (quanto, HQQ, fp8) on the same samples;
 # installs the two optional backends into the virtualenv (hqq is then imported by transformers)
