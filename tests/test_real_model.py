@@ -66,7 +66,10 @@ def test_passkey_with_head_budgets_and_mixed_precision(real_model, recipe):
     assert result.kv_bytes_16bit < result.kv_bytes_full_16bit / 3
 
 
-@pytest.mark.parametrize(("recipe", "reduction"), [("kvzip+words@0.75", 3.5), ("kvzip+words+kivi4@0.85", 10)])
+@pytest.mark.parametrize(
+    ("recipe", "reduction"),
+    [("kvzip+words@0.75", 3.5), ("kvzip+words+kivi4@0.85", 10), ("kvzip:chunk=128+global+words@0.75", 3.5)],
+)
 def test_passkey_query_agnostic_with_kvzip_reconstruction(real_model, recipe, reduction):
     """Compressed before the question is seen, by what the model needs to repeat the context."""
     model, tokenizer = real_model
