@@ -34,6 +34,7 @@ from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenize
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from kvsqueeze.argtypes import count
 from kvsqueeze.budgets.head_profile import HeadProfile, profile_key, user_profile_path
 from kvsqueeze.models import DEFAULT_MODEL, chat_prompt, load_model
 
@@ -247,12 +248,12 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
         help=f"HF model id or local path (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
-        "--samples", type=_positive, default=16, metavar="N", help="probe prompts (default 16)"
+        "--samples", type=count(1), default=16, metavar="N", help="probe prompts (default 16)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe prompts (default 0)")
     parser.add_argument(
         "--context-tokens",
-        type=_positive,
+        type=count(1),
         default=768,
         metavar="N",
         help="filler tokens around the key in each prompt (default 768)",
@@ -262,13 +263,6 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def run_calibrate(args: argparse.Namespace, console: Console | None = None) -> int:

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 
+from kvsqueeze.argtypes import count
 from kvsqueeze.models import DEFAULT_MODEL
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.serve.limits import ENVIRONMENT_VARIABLE, load_api_keys
@@ -47,21 +48,6 @@ def parse_seconds(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (examples: 30, 90s, 12h, 7d)")
     return float(match.group(1)) * _SECONDS[match.group(2)]
-
-
-def count(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
