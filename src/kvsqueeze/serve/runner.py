@@ -210,10 +210,8 @@ class Runner:
                     self.step(block=True)
                 except Exception as error:  # a bug must not kill the worker: fail the batch, go on
                     log.exception("runner step failed; failing the running requests")
-                    joining = [self._joining] if self._joining is not None else []
-                    self._joining = None
                     message = f"internal error in the model runner: {type(error).__name__}: {error}"
-                    self._fail([*self.scheduler.running, *joining], message)
+                    self._fail([*self.scheduler.running, *self._drop_joining()], message)
         except BaseException as error:  # the recovery itself failed: ``Supervisor`` restarts us
             self.failure = f"{type(error).__name__}: {error}"
             log.critical("the model runner thread died: %s", self.failure, exc_info=True)
@@ -223,9 +221,7 @@ class Runner:
         queues and the batch, clear ``failure`` (``start`` may run again). Returns how many failed."""
         if self._thread is not None:
             self._thread.join(timeout=10)
-        joining = [self._joining] if self._joining is not None else []
-        self._joining = None
-        failed = [*self.scheduler.running, *self.scheduler.waiting, *joining]
+        failed = [*self.scheduler.running, *self.scheduler.waiting, *self._drop_joining()]
         while True:
             try:
                 command, seq = self.inbox.get_nowait()
@@ -235,6 +231,11 @@ class Runner:
                 failed.append(seq)
         self.failure = None
         return self._fail(failed, message)
+
+    def _drop_joining(self) -> list[Sequence]:
+        """The sequence being prefilled when a step failed, if any (it is in no queue then)."""
+        joining, self._joining = self._joining, None
+        return [] if joining is None else [joining]
 
     def abort(self, message: str) -> None:
         """End every request in flight with ``message`` (at the worker's next step)."""
