@@ -7,7 +7,8 @@ A decode step on the CPU runs the compiled kernel over the blocks where they are
 (``kvsqueeze.kernels``); otherwise the layer's blocks are gathered per head (quantized ones
 decoded) into one workspace and attended with SDPA under a per-head mask gathered at the stored
 slots. During a forward the cache compresses, the function also records what the recipe asks for
-(``kvsqueeze.compression.Observation``). It never evicts: ``install`` hooks the model so that the
+(``kvsqueeze.compression.Observation``), and during decoding with a decoding component it keeps
+the latest queries (``RecentQueries``). It never evicts: ``install`` hooks the model so that the
 cache compresses when each forward ends. With any other cache the function is plain SDPA.
 """
 
@@ -153,6 +154,9 @@ def kvsqueeze_attention(
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q_len = query.shape[2]
+    if q_len == 1 and layer.cache.decodes(layer):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layer.cache.observe_decode(module.layer_idx, query, attention_mask, scale, kwargs.get("position_ids"))
     if q_len == 1:
         lower = layer.cache.first_visible(attention_mask, query.shape[0], query.device)
         if lower is not None:

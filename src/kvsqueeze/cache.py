@@ -11,7 +11,9 @@ same tokens (a sliding-window layer holds its window).
 Compression is a step between forwards: during a prefill forward the attention function records
 what the recipe asks for, and when the forward ends (``end_forward``, called by the hook that
 ``kvsqueeze.attention.install`` puts on the model) the cache is compressed
-(``kvsqueeze.compression``) and full blocks are quantized.
+(``kvsqueeze.compression``) and full blocks are quantized. With a decoding component, the
+attention function also keeps each layer's latest decode queries, and every ``every`` decode
+steps the cache is compressed again from them (``compress_decoded``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers.cache_utils import Cache
 
 from kvsqueeze.baseline import layer_windows
 from kvsqueeze.compat import rope_inverse_frequencies
-from kvsqueeze.compression import compress, merge_observations
+from kvsqueeze.compression import RecentQueries, compress, compress_decoded, merge_observations
 from kvsqueeze.kernels.decode import first_visible
 from kvsqueeze.storage.layer import PagedLayer, concat_layer_exports
 from kvsqueeze.storage.pool import Workspace
@@ -42,7 +44,9 @@ class CompressedCache(Cache):
 
     Every forward pass of more than one token (a prefill chunk) is compressed when it ends, so
     peak KV memory is the budget plus one chunk. Single-token decode steps are stored as they
-    come. ``settings(...)`` changes that behaviour for a block of code.
+    come; a recipe's decoding component compresses them every ``every`` steps. ``settings(...)``
+    changes that behaviour for a block of code. ``nbytes_peak`` is the largest ``nbytes()`` seen
+    at the end of a forward (before its compression).
 
     Parameters
     ----------
@@ -83,6 +87,11 @@ class CompressedCache(Cache):
         self.budget_state: dict = {}
         self.unit_ids: torch.Tensor | None = None
         self.workspace = Workspace()
+        self.recent_queries: dict[int, RecentQueries] = {}
+        self.decode_steps = 0
+        self.decode_start: torch.Tensor | None = None
+        self.nbytes_peak = 0
+        self._decode_step = False
         self._first_visible: tuple | None = None
         self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
         if config is not None:
@@ -170,6 +179,31 @@ class CompressedCache(Cache):
             memo = self._first_visible = (attention_mask, batch, first_visible(attention_mask, batch, device))
         return memo[2]
 
+    def decodes(self, layer: PagedLayer) -> bool:
+        """Whether ``layer`` is bounded during decoding (its recipe has a decoding component)."""
+        recipe = self.recipe_for(layer)
+        return recipe is not None and recipe.decoding is not None
+
+    def observe_decode(
+        self,
+        layer_idx: int,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        positions: torch.Tensor | None,
+    ) -> None:
+        """Keep the decode query ``[B, Hq, 1, D]`` of layer ``layer_idx`` for ``compress_decoded``."""
+        recent = self.recent_queries.get(layer_idx)
+        if recent is None:
+            recent = RecentQueries(self.recipe.decoding.observed_queries())
+            self.recent_queries[layer_idx] = recent
+        slot = self.layers[layer_idx].seen - 1
+        if positions is None:
+            positions = torch.full((query.shape[0], 1), slot, dtype=torch.long, device=query.device)
+        last_row = None if attention_mask is None else attention_mask[:, 0, -1, :]
+        recent.add(query, slot, positions.expand(query.shape[0], 1), last_row, scaling)
+        self._decode_step = True
+
     def observe(self, layer_idx: int, observation: Observation) -> None:
         """Record what layer ``layer_idx``'s attention saw during this forward (for ``compress``)."""
         earlier = self.observations.get(layer_idx)
@@ -178,13 +212,29 @@ class CompressedCache(Cache):
         self.observations[layer_idx] = observation
 
     def end_forward(self) -> None:
-        """After a forward: compress what it observed, let sliding layers drop what slid out of
-        their window, and quantize full blocks (unless held)."""
+        """After a forward: compress what it observed (a decode step: every ``every`` steps, with
+        the decoding component), let sliding layers drop what slid out of their window, and
+        quantize full blocks (unless held)."""
+        self.nbytes_peak = max(self.nbytes_peak, self.nbytes())
         if self.observations and not self.defer_compression:
             compress(self)
+        elif self._decode_step:
+            self._count_decode_step()
+        self._decode_step = False
         for layer in self.layers:
             if layer.is_initialized:
                 layer.after_forward(self.quantize_now)
+
+    def _count_decode_step(self) -> None:
+        """A decode step ended: the first one of a row marks where its generated tokens start;
+        every ``every`` steps the decoding component compresses."""
+        first = self.get_seq_length() - 1
+        if self.decode_start is None:
+            self.decode_start = torch.full_like(self.context_tokens, first)
+        self.decode_start = torch.where(self.decode_start < 0, first, self.decode_start)
+        self.decode_steps += 1
+        if self.decode_steps % self.recipe.decoding.every == 0:
+            compress_decoded(self)
 
     def compress_observed(self) -> None:
         """Compress with what the forwards run under ``settings(defer_compression=True)`` observed."""
@@ -228,11 +278,12 @@ class CompressedCache(Cache):
 
     # ---- what is held -------------------------------------------------------------------------
     def _row_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.context_tokens, self.offsets) if t is not None]
+        return [t for t in (self.context_tokens, self.offsets, self.decode_start) if t is not None]
 
     def nbytes(self, kv_dtype: torch.dtype | None = None) -> int:
         """Bytes held at rest: every block in use (keys, values, codes, scales, slots, scorer
-        state), the block tables and per-head counts, and the per-row counters.
+        state), the block tables and per-head counts, the per-row counters and the decode queries
+        a decoding component keeps.
 
         With ``kv_dtype`` (e.g. ``torch.float16``): the bytes this cache would hold in a model
         running in that dtype — unquantized keys and values at its size; codes, scales, the
@@ -240,7 +291,8 @@ class CompressedCache(Cache):
         ``nbytes_full(kv_dtype)`` for the reduction a 16-bit deployment would see.
         """
         rows = sum(t.numel() * t.element_size() for t in self._row_tensors())
-        return rows + sum(layer.nbytes(kv_dtype) for layer in self.layers)
+        queries = sum(recent.nbytes() for recent in self.recent_queries.values())
+        return rows + queries + sum(layer.nbytes(kv_dtype) for layer in self.layers)
 
     def nbytes_reserved(self) -> int:
         """Bytes held beyond ``nbytes``, reported apart: the pools' free blocks (slack) and the
@@ -293,6 +345,10 @@ class CompressedCache(Cache):
             self.offsets, self.context_tokens = self.offsets[index], self.context_tokens[index]
         if self.unit_ids is not None:
             self.unit_ids = self.unit_ids[index.to(self.unit_ids.device)]
+        if self.decode_start is not None:
+            self.decode_start = self.decode_start[index.to(self.decode_start.device)]
+        for recent in self.recent_queries.values():
+            recent.select_rows(index)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.select_rows(beam_idx)
@@ -385,7 +441,17 @@ class CompressedCache(Cache):
             [cache.offsets + shift for cache, shift in zip(caches, shifts, strict=True)]
         )
         stacked.context_tokens = torch.cat([cache.context_tokens for cache in caches])
+        if any(cache.decode_start is not None for cache in caches):
+            stacked.decode_start = torch.cat(
+                [cache._decode_start_shifted(shift) for cache, shift in zip(caches, shifts, strict=True)]
+            )
         return stacked
+
+    def _decode_start_shifted(self, shift: int) -> torch.Tensor:
+        """``decode_start`` with its rows' slots moved by ``shift`` (-1: the row has not decoded)."""
+        if self.decode_start is None:
+            return torch.full_like(self.context_tokens, -1)
+        return torch.where(self.decode_start >= 0, self.decode_start + shift, -1)
 
     def split(self) -> list[CompressedCache]:
         """The inverse of ``stack``: one single-row cache per batch row, offsets removed."""
@@ -402,6 +468,8 @@ class CompressedCache(Cache):
                 single.layers.append(copy)
             single.offsets = torch.zeros_like(self.offsets[row : row + 1])
             single.context_tokens = self.context_tokens[row : row + 1].clone()
+            if self.decode_start is not None:
+                single.decode_start = self._decode_start_shifted(-shift)[row : row + 1]
             rows.append(single)
         return rows
 

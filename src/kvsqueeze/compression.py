@@ -1,4 +1,4 @@
-"""The compression step: what the attention function observed -> scores -> budgets -> keep.
+"""The compression steps: what the attention function observed -> scores -> budgets -> keep.
 
 A forward that the cache compresses (a prefill chunk with a recipe that evicts) runs its
 attention as usual; the attention function only records, per layer, what the recipe's
@@ -7,6 +7,10 @@ When the forward ends, ``compress`` scores every layer from its held tokens and 
 lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
 ``Recipe.select``), and keeps the selected tokens. Layers are scored one at a time: only their
 rankings stay in memory until the budget has seen every layer.
+
+During decoding, a recipe's decoding component bounds the cache: the attention function keeps
+each layer's latest decode queries (``RecentQueries``) and every ``every`` steps
+``compress_decoded`` keeps, per head, the component's ``target`` best held tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvsqueeze.scorers.base import ScoringInputs
+from kvsqueeze.selection import keep_mask
 
 if TYPE_CHECKING:
     from kvsqueeze.cache import CompressedCache
@@ -43,6 +48,75 @@ class Observation:
     last_row: torch.Tensor | None
     new_slots: range
     statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RecentQueries:
+    """One layer's latest ``capacity`` decode queries, in a ring written once per decode step.
+
+    ``queries [B, Hq, capacity, D]``, their RoPE ``positions`` and ``slots`` ``[B, capacity]``;
+    ``last_row [B, T]`` is the model's mask row at the latest step (None: nothing masked).
+    """
+
+    capacity: int
+    queries: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    last_row: torch.Tensor | None = None
+    scaling: float = 1.0
+    written: int = 0
+
+    def add(
+        self,
+        query: torch.Tensor,
+        slot: int,
+        positions: torch.Tensor,
+        last_row: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Record the decode query ``[B, Hq, 1, D]`` of the token at ``slot``."""
+        batch, heads, _, dim = query.shape
+        if self.queries is None or self.queries.shape[0] != batch:
+            self.queries = query.new_zeros(batch, heads, self.capacity, dim)
+            self.positions = positions.new_zeros(batch, self.capacity)
+            self.slots = positions.new_zeros(batch, self.capacity)
+            self.written = 0
+        at = self.written % self.capacity
+        self.queries[:, :, at] = query[:, :, 0]
+        self.positions[:, at] = positions[:, 0]
+        self.slots[:, at] = slot
+        self.last_row, self.scaling = last_row, scaling
+        self.written += 1
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        if self.queries is not None:
+            index = index.to(self.queries.device)
+            self.queries, self.positions, self.slots = (
+                self.queries[index],
+                self.positions[index],
+                self.slots[index],
+            )
+            self.last_row = None if self.last_row is None else self.last_row[index]
+
+    def nbytes(self) -> int:
+        held = (self.queries, self.positions, self.slots)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+    def observation(self) -> Observation:
+        """The recorded queries in the order they came, as an ``Observation``."""
+        count = min(self.written, self.capacity)
+        order = (torch.arange(count, device=self.queries.device) + self.written - count) % self.capacity
+        last_row = self.last_row
+        if last_row is not None and last_row.dtype != torch.bool:
+            last_row = last_row > torch.finfo(last_row.dtype).min / 2
+        return Observation(
+            queries=self.queries[:, :, order],
+            query_positions=self.positions[:, order],
+            query_slots=self.slots[:, order],
+            scaling=self.scaling,
+            last_row=last_row,
+            new_slots=range(int(self.slots[0, order[-1]]), int(self.slots[0, order[-1]]) + 1),
+        )
 
 
 COMBINED_OVER_FORWARDS = {"attention_mass": torch.add, "attention_peak": torch.maximum}
@@ -147,3 +221,34 @@ def compress(cache: CompressedCache) -> None:
     for view, ranking, keep in zip(views, rankings, recipe.select(rankings, cache.budget_state), strict=True):
         layer = cache.layers[ranking.layer_idx]
         layer.keep(view, keep, ranking.scorer_state, demote=ranking.valid if demotes else None)
+
+
+def compress_decoded(cache: CompressedCache) -> None:
+    """Keep, in every layer with recorded decode queries, the decoding component's ``target``
+    best candidates per head: the generated tokens if it is ``frozen`` (the prompt is kept),
+    else every held token. Layers already within their target are left as they are."""
+    component = cache.recipe.decoding
+    for index, recent in sorted(cache.recent_queries.items()):
+        if recent.written == 0:
+            continue
+        layer: PagedLayer = cache.layers[index]
+        observation = recent.observation()
+        view = layer.view()
+        inputs = scoring_inputs(cache, index, view, observation)
+        inputs.previous_scores = None  # a prefill scorer's running state is not the decoder's
+        candidates = inputs.valid
+        if component.frozen:
+            candidates = candidates & (view.slots >= cache.decode_start[:, None, None])
+            counted = layer.seen - cache.decode_start
+        elif observation.last_row is not None:
+            counted = observation.last_row.sum(-1)
+        else:
+            counted = layer.seen - cache.offsets
+        target = component.target(counted.to(inputs.valid.device))[:, None]
+        if not bool((candidates.sum(-1) > target).any()):
+            continue
+        protected = inputs.valid & ~candidates
+        inputs.budget, inputs.protected = target.expand(candidates.shape[:2]), protected
+        # protected tokens are kept apart: a scorer's own NEVER_EVICT tokens must not outrank them
+        keep = protected | keep_mask(component.score(inputs), candidates, target)
+        layer.keep(view.release(), keep)

@@ -3,7 +3,9 @@
 String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
 ``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``. Each component is
-``name[:option=value,...]``; at most one scorer, one budget, one unit and one quantizer.
+``name[:option=value,...]``; at most one scorer, one budget, one unit, one quantizer and one
+decoding component, which bounds the cache during generation and may follow the ratio:
+``kvzip+global@0.75+decode:scorer=tova,budget=256,every=32``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
+from kvsqueeze.decoding import DECODERS
+from kvsqueeze.decoding.base import DecodeCompressor
 from kvsqueeze.prefill import ChunkedPrefill, PrefillStrategy, ReconstructionPrefill
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.quantizers.base import Quantizer
@@ -36,7 +40,7 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS}
+    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS, **DECODERS}
 
 
 def valid_names() -> list[str]:
@@ -55,6 +59,8 @@ class Recipe:
     budget : how the kept tokens are shared across layers and heads (None = uniform).
     unit : groups of tokens kept or dropped together, e.g. whole words (None = single tokens).
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
+    decoding : what bounds the cache while an answer is generated (None = every generated token
+        is kept).
     """
 
     scorer: Scorer | None = None
@@ -62,6 +68,7 @@ class Recipe:
     budget: Budget | None = None
     quantizer: Quantizer | None = None
     unit: Unit | None = None
+    decoding: DecodeCompressor | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -88,15 +95,16 @@ class Recipe:
 
     @property
     def is_full(self) -> bool:
-        return not self.evicts and self.quantizer is None
+        return not self.evicts and self.quantizer is None and self.decoding is None
 
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
         parts = [c.spec() for c in (scorer, self.budget, self.unit, self.quantizer) if c is not None]
-        if not parts:
-            return FULL
-        return "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
+        text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
+        if self.decoding is not None:
+            text = "+".join(filter(None, (text, self.decoding.spec())))
+        return text or FULL
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
@@ -104,9 +112,7 @@ class Recipe:
         text = text.strip()
         if text == FULL:
             return cls()
-        body, at, ratio_text = text.rpartition("@")
-        if not at:
-            body, ratio_text = text, ""
+        body, ratio_text = _split_ratio(text)
         chosen: dict[str, Component] = {}
         for part in body.split("+"):
             component = _build_component(part.strip())
@@ -126,6 +132,7 @@ class Recipe:
             budget=chosen.get("budget"),
             quantizer=chosen.get("quantizer"),
             unit=chosen.get("unit"),
+            decoding=chosen.get("decoding"),
         )
         if recipe.scorer is not None and not ratio_text and not recipe.evicts:
             raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {body}@0.5")
@@ -188,6 +195,17 @@ def split_recipes(text: str) -> list[str]:
         elif piece:
             recipes.append(piece)
     return recipes
+
+
+def _split_ratio(text: str) -> tuple[str, str]:
+    """``(components, ratio text)`` of a recipe string: the ratio is the ``@...`` that ends the
+    last component it follows (``a+b@0.5`` or ``a+b@0.5+decode:...``); ``""`` if there is none."""
+    match = re.search(r"@([^+]*)", text)
+    if match is None:
+        return text, ""
+    if "@" in text[match.end() :]:
+        raise RecipeError(f"recipe {text!r} has two ratios; give one '@RATIO'")
+    return text[: match.start()] + text[match.end() :], match.group(1)
 
 
 def _build_component(spec: str) -> Component:

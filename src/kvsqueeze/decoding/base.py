@@ -1,0 +1,57 @@
+"""What every decode-time compressor has: a budget, a period, and a score over recent decode queries.
+
+A decoding component bounds the cache while an answer is generated. The attention function keeps
+each compressed layer's last ``observed_queries()`` decode queries; every ``every`` decode steps
+the cache asks the component to ``score`` the layer's held tokens against them
+(``kvsqueeze.compression.compress_decoded``) and keeps the best ``target`` per KV head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvsqueeze.components import Component, option
+from kvsqueeze.scorers.base import ScoringInputs
+
+
+@dataclass
+class DecodeCompressor(Component):
+    """Base class of the decoding components (recipe kind ``decoding``); subclasses implement
+    ``score`` and may add options or change these defaults.
+
+    Parameters
+    ----------
+    budget : tokens each KV head holds after a compression (a head grows by at most ``every``
+        tokens between two compressions).
+    keep : if > 0, hold this fraction of the tokens the budget counts instead of a fixed
+        ``budget`` (``keep=0.25,frozen=true``: a quarter of what was generated so far).
+    every : decode steps between two compressions.
+    frozen : the prompt is never evicted during decoding and the budget counts generated tokens
+        only (SCOPE's separate prefill and decode budgets); otherwise every held token competes
+        and the budget counts them all.
+    """
+
+    kind = "decoding"
+
+    budget: int = option(256, minimum=1)
+    keep: float = option(0.0, minimum=0, maximum=1)
+    every: int = option(32, minimum=1)
+    frozen: bool = option(False)
+
+    def observed_queries(self) -> int:
+        """How many of the latest decode queries ``score`` reads (the attention function keeps them)."""
+        return 1
+
+    def score(self, inputs: ScoringInputs) -> torch.Tensor:
+        """``[B, Hkv, L]`` importance of the held candidates (higher = keep). ``inputs.queries``
+        are the latest decode queries ``[B, Hq, w, D]``; ``inputs.budget`` is what each head keeps
+        of the candidates, ``inputs.protected`` the tokens kept whatever their score."""
+        raise NotImplementedError
+
+    def target(self, budgeted_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B]`` candidates each head of a row keeps, given the ``[B]`` tokens the budget counts."""
+        if self.keep > 0:
+            return torch.ceil(self.keep * budgeted_tokens.double()).long().clamp(min=1)
+        return torch.full_like(budgeted_tokens, self.budget)
