@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils.logging import disable_progress_bar
 
-from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.budgets.head_profile import ProfileNotFoundError
 from kvsqueeze.calibrate import add_calibrate_command, run_calibrate
 from kvsqueeze.demo import contains_answer, demo_case
@@ -20,11 +19,8 @@ from kvsqueeze.eval.runner import EvalError
 from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
-from kvsqueeze.quantizers import QUANTIZERS
-from kvsqueeze.recipe import Recipe, RecipeError, split_recipes
-from kvsqueeze.scorers import SCORERS
+from kvsqueeze.recipe import Recipe, RecipeError, components, split_recipes
 from kvsqueeze.serve.cli import add_serve_command, run_serve
-from kvsqueeze.units import UNITS
 
 DEMO_RECIPES = (
     "full,kvzip+global@0.75,snapkv@0.75,chunkkv@0.75,expected@0.75,tova@0.75,streaming@0.75,knorm@0.75"
@@ -76,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--recipe",
         default="full",
-        help="what to keep, e.g. full, snapkv@0.75, streaming:sinks=4@0.9 "
-        "(the number after @ is the fraction of context tokens removed; see `kvsqueeze methods`)",
+        help="what to keep, e.g. full, snapkv@0.75, streaming:sinks=4@0.9, "
+        "snapkv@0.75+decode:budget=256,every=32 (the number after @ is the fraction of context tokens "
+        "removed; a decoding component bounds the cache during the answer; see `kvsqueeze methods`)",
     )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--context-file", type=Path, metavar="FILE", help="read the context from FILE")
@@ -380,6 +377,7 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
         "answer",
         *(["correct"] if expected else []),
         "KV held",
+        "KV peak / end",
         "ratio",
         "tokens kept",
         "prefill s",
@@ -397,31 +395,34 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
             r.answer[:60],
             *correct,
             _mib(r.kv_bytes) + f" / {_mib(r.kv_bytes_full)}",
+            _mib(r.kv_bytes_peak) + f" / {_mib(r.kv_bytes_end)}",
             f"{r.compression_ratio:.1%}",
             f"{r.tokens_kept}/{r.context_tokens + r.question_tokens}",
             f"{r.prefill_seconds:.2f}",
             f"{r.decode_seconds:.2f}",
         )
-    table.caption = f"KV bytes held after prefill vs a full {results[0].kv_dtype} cache of the same tokens"
+    table.caption = (
+        f"KV bytes held after prefill vs a full {results[0].kv_dtype} cache of the same tokens; "
+        "peak over the whole run and what is held after the last token"
+    )
     return table
 
 
 def methods_table() -> Table:
     table = Table(
-        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+quantizer]@ratio, "
+        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+quantizer]@ratio[+decoding], "
         "each name[:option=value,...])"
     )
     for name in ("kind", "name", "paper", "options"):
         table.add_column(name)
     table.add_row("-", "full", "no compression (the baseline)", "")
-    for registry in (SCORERS, BUDGETS, UNITS, QUANTIZERS):
-        for name, component_cls in registry.items():
-            ranges = {key: str(allowed) for key, allowed in component_cls.ranges().items()}
-            options = ", ".join(
-                f"{key}={value} ({ranges[key]})" if ranges.get(key) else f"{key}={value}"
-                for key, value in component_cls().options().items()
-            )
-            table.add_row(component_cls.kind, name, component_cls.citation, options)
+    for name, component_cls in components().items():
+        ranges = {key: str(allowed) for key, allowed in component_cls.ranges().items()}
+        options = ", ".join(
+            f"{key}={value} ({ranges[key]})" if ranges.get(key) else f"{key}={value}"
+            for key, value in component_cls().options().items()
+        )
+        table.add_row(component_cls.kind, name, component_cls.citation, options)
     return table
 
 

@@ -28,7 +28,9 @@ from kvsqueeze.recipe import Recipe
 class GenerationResult:
     """One answer with what it cost. Byte counts are measured after prefill (context + question);
     ``kv_bytes_16bit``/``kv_bytes_full_16bit`` count the model's KV at 16 bits (see
-    ``CompressedCache.nbytes``), the reference the papers state ratios against."""
+    ``CompressedCache.nbytes``), the reference the papers state ratios against.
+    ``kv_bytes_peak`` is the largest ``nbytes()`` over the whole run (at the end of a forward,
+    before its compression) and ``kv_bytes_end`` what is held after the last token."""
 
     answer: str
     recipe: str
@@ -45,6 +47,8 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     generated_tokens: int
+    kv_bytes_peak: int
+    kv_bytes_end: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,6 +93,12 @@ def _footprint(cache: CompressedCache) -> dict:
         kv_dtype=str(cache.kv_dtype).removeprefix("torch."),
         compression_ratio=1.0 - kv_bytes / kv_bytes_full,
     )
+
+
+def _end_bytes(cache: CompressedCache) -> dict:
+    """``kv_bytes_peak`` and ``kv_bytes_end`` of a cache whose answer is complete."""
+    end = cache.nbytes()
+    return dict(kv_bytes_peak=max(cache.nbytes_peak, end), kv_bytes_end=end)
 
 
 def _answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int]) -> str:
@@ -228,6 +238,7 @@ def generate_batch(
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator)
     decode_seconds = time.perf_counter() - start
+    end_bytes = _end_bytes(cache)
     return [
         GenerationResult(
             answer=_answer_text(tokenizer, tokens, eos),
@@ -239,6 +250,7 @@ def generate_batch(
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
             generated_tokens=len(tokens),
+            **end_bytes,
         )
         for tokens, context_row, question_row in zip(outputs, context_rows, question_rows, strict=True)
     ]
@@ -343,6 +355,7 @@ def generate_multiturn(
                 prefill_seconds=prefill_seconds,
                 decode_seconds=time.perf_counter() - start,
                 generated_tokens=len(tokens),
+                **_end_bytes(cache),
             )
         )
     return results
