@@ -93,6 +93,7 @@ def test_eval_runs_every_recipe_on_the_same_samples_and_resumes(tiny, tmp_path):
     passkey = next(r for r in records if r["task"] == "passkey")
     for field in ("prediction", "answers", "score", "kv_bytes", "kv_bytes_full", "prefill_seconds", "mode"):
         assert field in passkey
+    assert passkey["kv_bytes_peak"] >= passkey["kv_bytes_end"] >= passkey["kv_bytes"]
     assert all(r["chunk_size"] is None for r in records)
     multiturn = next(r for r in records if r["task"] == "multiturn")
     assert len(multiturn["turn_scores"]) == 4 == len(multiturn["prediction"])

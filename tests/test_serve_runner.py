@@ -334,3 +334,30 @@ def test_a_step_that_raises_outside_the_model_fails_the_batch_and_the_next_reque
         assert later.sink.done["completion_tokens"] == 4 and runner.alive
     finally:
         runner.stop()
+
+
+def test_a_decoding_component_bounds_every_row_of_the_running_batch():
+    """Rows join at different steps (each join stacks the batch anew) and still get compressed
+    every ``every`` steps; admission reserves the bounded answer, not max_tokens of it."""
+    model = install(tiny_model("qwen2"))
+    recipe = Recipe.parse("decode:budget=12,every=4,frozen=true")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
+    seqs = make_requests([(21, 3, 40), (0, 9, 40), (13, 5, 40)])
+    arrivals, held = [0, 3, 6], []
+    for step in range(200):
+        for seq, at in zip(seqs, arrivals, strict=True):
+            if at == step:
+                runner.submit(seq)
+        runner.step()
+        if runner.cache is not None:
+            held.append([runner.cache.held_tokens(row) for row in range(len(runner.scheduler.running))])
+        if all(seq.sink.ended for seq in seqs):
+            break
+    layers_heads = runner.entries_per_token
+    for seq in seqs:
+        assert seq.sink.done["completion_tokens"] == 40
+    prompt_held = [c + p for c, p, _ in [(21, 3, 40), (0, 9, 40), (13, 5, 40)]]
+    assert max(max(rows) for rows in held) <= (max(prompt_held) + 12 + 4) * layers_heads
+    bounded = runner.bytes_needed_alone(21, 3, 4000)
+    unbounded = Runner(model, Recipe.parse("full"), kv_memory=1 << 30).bytes_needed_alone(21, 3, 4000)
+    assert bounded < unbounded / 50

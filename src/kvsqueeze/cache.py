@@ -417,7 +417,8 @@ class CompressedCache(Cache):
         A row that has seen fewer tokens than the longest is shifted right, as left padding
         would: its slots and ``offsets`` grow by the difference, nothing is stored for the gap.
         Pass position ids per row and a 2D mask whose first ``offsets[row]`` columns are 0.
-        Blocks are copied into the new cache's pools.
+        Blocks are copied into the new cache's pools. A decoding component's step count goes on
+        from the largest; its recent decode queries start afresh.
         """
         recipes = {str(cache.recipe) for cache in caches}
         if len(recipes) > 1:
@@ -441,6 +442,7 @@ class CompressedCache(Cache):
             [cache.offsets + shift for cache, shift in zip(caches, shifts, strict=True)]
         )
         stacked.context_tokens = torch.cat([cache.context_tokens for cache in caches])
+        stacked.decode_steps = max(cache.decode_steps for cache in caches)  # the batch's compression cadence
         if any(cache.decode_start is not None for cache in caches):
             stacked.decode_start = torch.cat(
                 [cache._decode_start_shifted(shift) for cache, shift in zip(caches, shifts, strict=True)]
@@ -470,6 +472,7 @@ class CompressedCache(Cache):
             single.context_tokens = self.context_tokens[row : row + 1].clone()
             if self.decode_start is not None:
                 single.decode_start = self._decode_start_shifted(-shift)[row : row + 1]
+            single.decode_steps = self.decode_steps
             rows.append(single)
         return rows
 

@@ -50,6 +50,15 @@ class DecodeCompressor(Component):
         of the candidates, ``inputs.protected`` the tokens kept whatever their score."""
         raise NotImplementedError
 
+    def most_held(self, prompt_held: int, prompt_tokens: int, generated: int) -> int:
+        """Upper bound on the tokens a head holds over ``generated`` decode steps, given it held
+        ``prompt_held`` of the ``prompt_tokens`` fed before decoding (what admission reserves)."""
+        if self.frozen:
+            cap = int(self.target(torch.tensor([generated]))) + self.every
+            return prompt_held + min(generated, cap)
+        cap = int(self.target(torch.tensor([prompt_tokens + generated]))) + self.every
+        return min(prompt_held + generated, max(prompt_held + min(generated, self.every), cap))
+
     def target(self, budgeted_tokens: torch.Tensor) -> torch.Tensor:
         """``[B]`` candidates each head of a row keeps, given the ``[B]`` tokens the budget counts."""
         if self.keep > 0:

@@ -219,6 +219,8 @@ class _TaskRun:
             "info": sample.info,
             "score": sum(scores) / len(scores),
             **_bytes_fields(asdict(first)),
+            "kv_bytes_peak": max(r.kv_bytes_peak for r in results),
+            "kv_bytes_end": max(r.kv_bytes_end for r in results),
             "prefill_seconds": sum(r.prefill_seconds for r in results),
             "decode_seconds": sum(r.decode_seconds for r in results),
             "wall_seconds": wall,

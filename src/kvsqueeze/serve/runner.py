@@ -143,8 +143,14 @@ class Runner:
         return max(during, kept + tail)
 
     def bytes_needed_alone(self, context: int, prompt: int, max_tokens: int) -> int:
-        """What one request needs with nobody else running (the submit-time check)."""
-        return self._bytes(self._peak(context, prompt + max_tokens))
+        """What one request needs with nobody else running (the submit-time check); a recipe's
+        decoding component bounds what the answer adds."""
+        decoding = self.recipe.decoding
+        if decoding is None:
+            return self._bytes(self._peak(context, prompt + max_tokens))
+        kept = self.kept(context)
+        held = decoding.most_held(kept + prompt, context + prompt, max_tokens)
+        return self._bytes(self._peak(context, max(held - kept, prompt + 1)))
 
     def growth(self, seq: Sequence | None) -> int:
         """Bytes ``seq``'s row allocates at the next decode step (see ``Scheduler``); a row not yet
