@@ -148,3 +148,14 @@ def test_ratio_may_close_the_prefill_part_or_the_whole_recipe():
         Recipe.parse("snapkv@0.5+decode:budget=8@0.5")
     with pytest.raises(RecipeError, match="decode:scorer must be one of"):
         Recipe.parse("decode:scorer=kvzip")
+
+
+@pytest.mark.parametrize(
+    "recipe", ["decode:budget=16,every=4", "decode:keep=0.25,every=8,frozen=true", "decode:keep=0.5,every=4"]
+)
+def test_most_held_bounds_what_a_head_holds_and_is_reached(model, recipe):
+    steps = 48
+    _, held, _ = run(model, recipe, steps=steps)
+    bound = Recipe.parse(recipe).decoding.most_held(PROMPT, PROMPT, steps)
+    observed = max(int(h.max()) for h in held)
+    assert observed <= bound <= observed + 8
