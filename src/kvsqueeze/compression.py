@@ -226,7 +226,8 @@ def compress(cache: CompressedCache) -> None:
 def compress_decoded(cache: CompressedCache) -> None:
     """Keep, in every layer with recorded decode queries, the decoding component's ``target``
     best candidates per head: the generated tokens if it is ``frozen`` (the prompt is kept),
-    else every held token. Layers already within their target are left as they are."""
+    else every held token. Layers already within their target are left as they are, unless the
+    component is ``stateful``: its per-token state is updated from every period's queries."""
     component = cache.recipe.decoding
     for index, recent in sorted(cache.recent_queries.items()):
         if recent.written == 0:
@@ -235,7 +236,7 @@ def compress_decoded(cache: CompressedCache) -> None:
         observation = recent.observation()
         view = layer.view()
         inputs = scoring_inputs(cache, index, view, observation)
-        inputs.previous_scores = None  # a prefill scorer's running state is not the decoder's
+        inputs.previous_scores = view.scores if component.stateful else None
         candidates = inputs.valid
         if component.frozen:
             candidates = candidates & (view.slots >= cache.decode_start[:, None, None])
@@ -245,10 +246,11 @@ def compress_decoded(cache: CompressedCache) -> None:
         else:
             counted = layer.seen - cache.offsets
         target = component.target(counted.to(inputs.valid.device))[:, None]
-        if not bool((candidates.sum(-1) > target).any()):
+        if not (component.stateful or bool((candidates.sum(-1) > target).any())):
             continue
         protected = inputs.valid & ~candidates
         inputs.budget, inputs.protected = target.expand(candidates.shape[:2]), protected
         # protected tokens are kept apart: a scorer's own NEVER_EVICT tokens must not outrank them
-        keep = protected | keep_mask(component.score(inputs), candidates, target)
-        layer.keep(view.release(), keep)
+        ranking, state = component.rank(inputs)
+        keep = protected | keep_mask(ranking, candidates, target)
+        layer.keep(view.release(), keep, state)

@@ -134,6 +134,12 @@ class Recipe:
             unit=chosen.get("unit"),
             decoding=chosen.get("decoding"),
         )
+        decoder = recipe.decoding
+        if recipe.scorer is not None and recipe.scorer.stateful and decoder is not None and decoder.stateful:
+            raise RecipeError(
+                f"recipe {text!r} pairs two stateful components ({recipe.scorer.name}, "
+                f"{decoder.name}): they would share each token's stored state; use one"
+            )
         if recipe.scorer is not None and not ratio_text and not recipe.evicts:
             raise RecipeError(f"recipe {text!r} needs a ratio after '@', e.g. {body}@0.5")
         return recipe

@@ -2,8 +2,13 @@
 
 A decoding component bounds the cache while an answer is generated. The attention function keeps
 each compressed layer's last ``observed_queries()`` decode queries; every ``every`` decode steps
-the cache asks the component to ``score`` the layer's held tokens against them
+the cache asks the component to ``rank`` the layer's held tokens against them
 (``kvsqueeze.compression.compress_decoded``) and keeps the best ``target`` per KV head.
+
+A ``stateful`` component (LazyEviction) keeps one float32 per held token across compressions: it
+reads it as ``inputs.previous_scores`` (0 for tokens new since the last compression) and returns
+the new value from ``rank``; it is ranked at every period, even when no head is over its target,
+so that no period goes unrecorded.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class DecodeCompressor(Component):
     """
 
     kind = "decoding"
+    stateful = False
 
     budget: int = option(256, minimum=1)
     keep: float = option(0.0, minimum=0, maximum=1)
@@ -50,6 +56,11 @@ class DecodeCompressor(Component):
         of the candidates, ``inputs.protected`` the tokens kept whatever their score."""
         raise NotImplementedError
 
+    def rank(self, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ranking, state)``: what ``compress_decoded`` selects with and, for a ``stateful``
+        component, the ``[B, Hkv, L]`` float32 state to store per token (None otherwise)."""
+        return self.score(inputs), None
+
     def most_held(self, prompt_held: int, prompt_tokens: int, generated: int) -> int:
         """Upper bound on the tokens a head holds over ``generated`` decode steps, given it held
         ``prompt_held`` of the ``prompt_tokens`` fed before decoding (what admission reserves)."""
@@ -64,3 +75,9 @@ class DecodeCompressor(Component):
         if self.keep > 0:
             return torch.ceil(self.keep * budgeted_tokens.double()).long().clamp(min=1)
         return torch.full_like(budgeted_tokens, self.budget)
+
+
+def observation_window(inputs: ScoringInputs) -> torch.Tensor:
+    """``[B, Hkv, L]`` bool: the held tokens whose decode queries ``inputs`` holds (from the first
+    observed query's slot on), the recent window R-KV, MorphKV and LazyEviction keep whole."""
+    return inputs.valid & (inputs.slots >= inputs.query_slots[:, None, :1])
