@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 
 
+def unit_keys(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` keys scaled to unit length in float32, 0 where ``valid [B, H, L]`` is False:
+    their dot products are cosine similarities, and invalid candidates add nothing to sums."""
+    return torch.where(valid[..., None], F.normalize(keys.float(), dim=-1), 0.0)
+
+
 @dataclass
 class KeyDiff(Scorer):
     """Keep distinctive keys, drop the ones pointing along the head's mean key direction.
@@ -25,8 +31,6 @@ class KeyDiff(Scorer):
     )
 
     def score(self, inputs: ScoringInputs) -> torch.Tensor:
-        keys = inputs.keys.float()
-        valid = inputs.valid[..., None]
-        unit = torch.where(valid, F.normalize(keys, dim=-1), 0.0)
-        anchor = unit.sum(2, keepdim=True) / valid.sum(2, keepdim=True).clamp(min=1)
-        return -F.cosine_similarity(keys, anchor, dim=-1)
+        unit = unit_keys(inputs.keys, inputs.valid)
+        anchor = unit.sum(2, keepdim=True) / inputs.valid[..., None].sum(2, keepdim=True).clamp(min=1)
+        return -F.cosine_similarity(inputs.keys.float(), anchor, dim=-1)
