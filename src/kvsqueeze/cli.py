@@ -115,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(commands) -> None:
-    from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE, SUITES, TASKS
+    from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE, LONG_GENERATION, SUITES, TASKS
 
     tasks_help = "; ".join(f"{name}: {spec.description}" for name, spec in TASKS.items())
+    longgen_help = "; ".join(f"{name}: {description}" for name, description in LONG_GENERATION.items())
     suites_help = "; ".join(f"{name} = {','.join(tasks)}" for name, tasks in SUITES.items())
     default_lengths = ",".join(f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in DEFAULT_LENGTHS)
     ev = commands.add_parser(
@@ -139,7 +140,7 @@ def _add_eval_parser(commands) -> None:
         default=DEFAULT_SUITE,
         help=f"comma-separated tasks and suites (default: {DEFAULT_SUITE}). Tasks: {tasks_help}; "
         "fidelity: next-token KL, top-1 agreement and perplexity against the full cache on held "
-        f"English prose. Suites: {suites_help}",
+        f"English prose; long answers (see --longgen-tokens): {longgen_help}. Suites: {suites_help}",
     )
     ev.add_argument(
         "--lengths",
@@ -170,6 +171,14 @@ def _add_eval_parser(commands) -> None:
         default=128,
         metavar="N",
         help="held continuation tokens scored by the fidelity task (default 128)",
+    )
+    ev.add_argument(
+        "--longgen-tokens",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="tokens each long-generation task's answer runs for (default 1024; pair it with a "
+        "decoding component such as rkv:keep=0.25,frozen=true)",
     )
     ev.add_argument(
         "--max-new-tokens",
@@ -321,6 +330,8 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--chunk-size must be a number of tokens (0 = the whole context at once)")
     if args.fidelity_tokens < 2:
         raise UsageError("--fidelity-tokens must be at least 2")
+    if args.longgen_tokens < 1:
+        raise UsageError("--longgen-tokens must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     config = EvalConfig(
@@ -330,6 +341,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         dtype=args.dtype,
         chunk_size=args.chunk_size or None,
         fidelity_tokens=args.fidelity_tokens,
+        longgen_tokens=args.longgen_tokens,
         max_new_tokens=args.max_new_tokens,
     )
     model, tokenizer = load_model(args.model, dtype=args.dtype)

@@ -81,7 +81,7 @@ def prefill_context(
     return cache.recipe.prefill_strategy(tokenizer).prefill(model, cache, ids, mask, chunk_size)
 
 
-def _footprint(cache: CompressedCache) -> dict:
+def footprint_of(cache: CompressedCache) -> dict:
     """What the cache holds now: the byte and token fields of ``GenerationResult``."""
     kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
     return dict(
@@ -95,13 +95,13 @@ def _footprint(cache: CompressedCache) -> dict:
     )
 
 
-def _end_bytes(cache: CompressedCache) -> dict:
+def end_bytes_of(cache: CompressedCache) -> dict:
     """``kv_bytes_peak`` and ``kv_bytes_end`` of a cache whose answer is complete."""
     end = cache.nbytes()
     return dict(kv_bytes_peak=max(cache.nbytes_peak, end), kv_bytes_end=end)
 
 
-def _answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int]) -> str:
+def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int]) -> str:
     return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
 
 
@@ -144,6 +144,66 @@ def decode(
             break
         logits, mask, positions = decode_step(model, cache, tokens, mask, positions)
     return outputs
+
+
+@dataclass
+class DecodeTrace:
+    """What ``decode_trace`` fed and saw, one entry per step.
+
+    ``logits [n, vocab]`` (float32, on the CPU): row ``i`` is the prediction of ``tokens[i]``;
+    ``kv_bytes[i]`` is ``cache.nbytes()`` once ``tokens[i]`` is in the cache (after the step's
+    compression, if any); ``next_logits [vocab]`` predicts the token after the last one.
+    """
+
+    tokens: list[int]
+    logits: torch.Tensor
+    kv_bytes: list[int]
+    next_logits: torch.Tensor
+    mask: torch.Tensor
+    seconds: float
+
+
+@torch.no_grad()
+def decode_trace(
+    model: PreTrainedModel,
+    cache: CompressedCache,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    forced: list[int] | None = None,
+    banned: set[int] | frozenset[int] = frozenset(),
+) -> DecodeTrace:
+    """Feed ``steps`` tokens to a one-row cache, one decode step each, as generation would:
+    the greedy choice among the tokens not ``banned`` (a long answer that must not stop at eos),
+    or ``forced[i]`` (teacher forcing, so another cache can be compared on the same answer).
+
+    ``logits [1, vocab]`` predicts the first token and ``mask [1, n]`` covers what the cache holds.
+    A decoding component compresses on its own period exactly as in ``decode``.
+    """
+    if forced is not None and len(forced) < steps:
+        raise ValueError(f"forced has {len(forced)} tokens, fewer than the {steps} steps asked")
+    ban = torch.tensor(sorted(banned), dtype=torch.long, device=logits.device)
+    positions = positions_from_mask(mask)[:, -1:]
+    tokens, rows, held = [], [], []
+    start = time.perf_counter()
+    for step in range(steps):
+        rows.append(logits[0].float().cpu())
+        if forced is not None:
+            token = forced[step]
+        else:
+            token = int(logits[0].index_fill(0, ban, float("-inf")).argmax())
+        tokens.append(token)
+        fed = torch.tensor([token], device=logits.device)
+        logits, mask, positions = decode_step(model, cache, fed, mask, positions)
+        held.append(cache.nbytes())
+    return DecodeTrace(
+        tokens=tokens,
+        logits=torch.stack(rows) if rows else torch.empty(0),
+        kv_bytes=held,
+        next_logits=logits,
+        mask=mask,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def decode_step(
@@ -231,17 +291,17 @@ def generate_batch(
         with cache.settings(compress_prefill=False):
             logits = prefill(model, cache, question_ids, mask)
     prefill_seconds = time.perf_counter() - start
-    footprint = _footprint(cache)
+    footprint = footprint_of(cache)
 
     eos = eos_ids(model, tokenizer)
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
     outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator)
     decode_seconds = time.perf_counter() - start
-    end_bytes = _end_bytes(cache)
+    end_bytes = end_bytes_of(cache)
     return [
         GenerationResult(
-            answer=_answer_text(tokenizer, tokens, eos),
+            answer=answer_text(tokenizer, tokens, eos),
             recipe=str(recipe),
             mode="query-aware" if query_aware else "query-agnostic",
             context_tokens=len(context_row),
@@ -341,12 +401,12 @@ def generate_multiturn(
                 logits = prefill(model, cache, ids, mask)
         mask = torch.ones((1, cache.get_seq_length()), dtype=torch.long, device=device)
         prefill_seconds = time.perf_counter() - start + (context_seconds if turn == 0 else 0.0)
-        footprint = _footprint(cache)
+        footprint = footprint_of(cache)
         start = time.perf_counter()
         tokens = decode(model, cache, logits, mask, eos, max_new_tokens)[0]
         results.append(
             GenerationResult(
-                answer=_answer_text(tokenizer, tokens, eos),
+                answer=answer_text(tokenizer, tokens, eos),
                 recipe=str(recipe),
                 mode=mode,
                 context_tokens=len(context_row),
@@ -355,7 +415,7 @@ def generate_multiturn(
                 prefill_seconds=prefill_seconds,
                 decode_seconds=time.perf_counter() - start,
                 generated_tokens=len(tokens),
-                **_end_bytes(cache),
+                **end_bytes_of(cache),
             )
         )
     return results
@@ -397,7 +457,7 @@ def continuation_logits(
     start = time.perf_counter()
     ids = torch.tensor([context_ids], device=device)
     first = prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids), chunk_size)
-    footprint = _footprint(cache)
+    footprint = footprint_of(cache)
     rows = [first.float()]
     if len(continuation_ids) > 1:
         fed = torch.tensor([continuation_ids[:-1]], device=device)

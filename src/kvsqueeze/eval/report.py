@@ -12,7 +12,7 @@ from statistics import mean
 
 from kvsqueeze.eval.intervals import RESAMPLES, SEED, Interval, bootstrap_mean, mean_interval, paired_ratio
 from kvsqueeze.eval.runner import FULL, load_records
-from kvsqueeze.eval.tasks import FIDELITY, TASKS
+from kvsqueeze.eval.tasks import FIDELITY, LONG_GENERATION, TASKS
 
 SUMMARY = "summary.md"
 _UNRECORDED = "not recorded"
@@ -63,7 +63,7 @@ def reduction_16bit(records: list[dict]) -> float | None:
 def summarize(records: list[dict]) -> dict:
     """Per (mode, recipe): mean score per task, mean over tasks, relative to full (each with its
     95% interval, see ``kvsqueeze.eval.intervals``), ratio, samples."""
-    records = [r for r in matched(records) if r["task"] != FIDELITY]
+    records = [r for r in matched(records) if r["task"] in TASKS]
     table: dict = {}
     for mode in _order(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
@@ -200,6 +200,7 @@ def summary_markdown(
         lines += _by_length(records, mode)
         lines += _multiturn(records, mode)
     lines += _fidelity(records)
+    lines += _long_generation(records)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -223,7 +224,7 @@ def _target(block: dict, mode: str, target: float) -> list[str]:
 
 
 def _by_length(records: list[dict], mode: str) -> list[str]:
-    rows = [r for r in matched(records) if r["mode"] == mode and r["task"] != FIDELITY]
+    rows = [r for r in matched(records) if r["mode"] == mode and r["task"] in TASKS]
     lengths = sorted(_order(r["length"] for r in rows))
     if len(lengths) < 2:
         return []
@@ -287,6 +288,94 @@ def _fidelity(records: list[dict]) -> list[str]:
             f"| {len(mine)} |"
         )
     return [*lines, ""]
+
+
+def _mib(records: list[dict], field: str) -> str:
+    return f"{mean(r[field] for r in records) / 2**20:.2f}"
+
+
+def _long_generation(records: list[dict]) -> list[str]:
+    """Tables of the ``kvsqueeze.eval.longgen`` tasks: top-1 agreement per answer segment, and
+    recall / counting scores, each with the bytes held at the answer's end and at the peak."""
+    rows = [r for r in matched(records) if r["task"] in LONG_GENERATION]
+    if not rows:
+        return []
+    lines = [
+        "## Long generation",
+        "",
+        "KV MiB at the end of the answer and at the peak over the whole run (full: what the full "
+        "cache holds for the same tokens); ms/token over the answer; bootstrap intervals over prompts.",
+        "",
+    ]
+    fidelity_rows = [r for r in rows if r["task"] == "longgen_fidelity"]
+    if fidelity_rows:
+        ends = [seg["end"] for seg in max((r["segments"] for r in fidelity_rows), key=len)]
+        starts = [0, *ends[:-1]]
+        lines += [
+            f"### Fidelity over a long answer ({fidelity_rows[0]['generated_tokens']} tokens)",
+            "",
+            "The full cache continues English prose greedily; every recipe is teacher-forced on that "
+            "continuation. Top-1 agreement with the full cache (%) per segment of the answer, KL(full ‖ "
+            "recipe) over the whole answer.",
+            "",
+            "| recipe | "
+            + " | ".join(f"top-1 {a}–{b}" for a, b in zip(starts, ends, strict=True))
+            + " | KL | KV MiB end / full | peak | ms/token | n |",
+            "|" + "---|" * (len(ends) + 6),
+        ]
+        for recipe in recipe_order(fidelity_rows):
+            mine = [r for r in fidelity_rows if r["recipe"] == recipe]
+            cells = [
+                _mean_with_bootstrap(
+                    [r["segments"][i]["top1"] for r in mine if len(r["segments"]) > i], 100.0, 1
+                )
+                for i in range(len(ends))
+            ]
+            cells += [
+                _mean_with_bootstrap([r["kl"] for r in mine], 1.0, 3),
+                f"{_mib(mine, 'kv_bytes')} / {_mib(mine, 'kv_bytes_full')}",
+                _mib(mine, "kv_bytes_peak"),
+                f"{mean(r['ms_per_token'] for r in mine):.1f}",
+                str(len(mine)),
+            ]
+            lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    for task, title in (
+        ("longgen_recall", "Recall after a long answer"),
+        ("longgen_count", "Counting rule kept"),
+    ):
+        task_rows = [r for r in rows if r["task"] == task]
+        if not task_rows:
+            continue
+        full_score = {_sample_id(r): r["score"] for r in task_rows if r["recipe"] == FULL}
+        lines += [
+            f"### {title} (answers of up to {max(r['generated_tokens'] for r in task_rows)} tokens)",
+            "",
+            f"{LONG_GENERATION[task].capitalize()}. Score %, vs full on the same prompts (paired bootstrap).",
+            "",
+            "| recipe | score | vs full | KV MiB end / full | peak | ms/token | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for recipe in recipe_order(task_rows):
+            mine = [r for r in task_rows if r["recipe"] == recipe]
+            scores = [r["score"] for r in mine]
+            base = [full_score[_sample_id(r)] for r in mine]
+            relative = (
+                {"relative": mean(scores) / mean(base), "relative_interval": paired_ratio([scores], [base])}
+                if mean(base) > 0
+                else {"relative": None}
+            )
+            cells = [
+                _with_interval(mean(scores), mean_interval([scores])),
+                _relative_cell(relative),
+                f"{_mib(mine, 'kv_bytes')} / {_mib(mine, 'kv_bytes_full')}",
+                _mib(mine, "kv_bytes_peak"),
+                f"{mean(r['ms_per_token'] for r in mine):.1f}",
+                str(len(mine)),
+            ]
+            lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _mean_with_bootstrap(values: list[float], scale: float, digits: int) -> str:

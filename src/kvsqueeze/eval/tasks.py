@@ -304,10 +304,17 @@ TASKS: dict[str, TaskSpec] = {
 SUITES: dict[str, tuple[str, ...]] = {
     "ruler-lite": tuple(TASKS),
     "default": ("passkey", "niah_multikey", "multiturn"),
+    "longgen": ("longgen_fidelity", "longgen_recall", "longgen_count"),
 }
 DEFAULT_SUITE = "default"
 DEFAULT_LENGTHS = (1024,)
 FIDELITY = "fidelity"  # not an answer task: logit fidelity on held prose (see ``fidelity_tokens``)
+# long answers, run by ``kvsqueeze.eval.longgen`` (name -> what it measures)
+LONG_GENERATION = {
+    "longgen_fidelity": "KL and top-1 vs full per 256 tokens of a long teacher-forced continuation",
+    "longgen_recall": "the pass key asked after a long answer",
+    "longgen_count": "count by a step for a whole long answer, scored by rule",
+}
 
 
 def resolve_tasks(names: str | list[str]) -> list[str]:
@@ -317,8 +324,8 @@ def resolve_tasks(names: str | list[str]) -> list[str]:
     for item in (i.strip() for i in items):
         expanded = SUITES.get(item, (item,))
         for name in expanded:
-            if name not in TASKS and name != FIDELITY:
-                valid = ", ".join([*TASKS, FIDELITY, *SUITES])
+            if name not in TASKS and name != FIDELITY and name not in LONG_GENERATION:
+                valid = ", ".join([*TASKS, FIDELITY, *LONG_GENERATION, *SUITES])
                 raise TaskError(f"unknown task {name!r}; valid: {valid}")
             if name not in out:
                 out.append(name)
