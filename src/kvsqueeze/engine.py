@@ -152,13 +152,12 @@ class DecodeTrace:
 
     ``logits [n, vocab]`` (float32, on the CPU): row ``i`` is the prediction of ``tokens[i]``;
     ``kv_bytes[i]`` is ``cache.nbytes()`` once ``tokens[i]`` is in the cache (after the step's
-    compression, if any); ``next_logits [vocab]`` predicts the token after the last one.
+    compression, if any); ``mask`` covers the cache after the last one.
     """
 
     tokens: list[int]
     logits: torch.Tensor
     kv_bytes: list[int]
-    next_logits: torch.Tensor
     mask: torch.Tensor
     seconds: float
 
@@ -200,7 +199,6 @@ def decode_trace(
         tokens=tokens,
         logits=torch.stack(rows) if rows else torch.empty(0),
         kv_bytes=held,
-        next_logits=logits,
         mask=mask,
         seconds=time.perf_counter() - start,
     )

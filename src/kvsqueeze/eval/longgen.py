@@ -38,7 +38,7 @@ from kvsqueeze.engine import (
     footprint_of,
     prefill_context,
 )
-from kvsqueeze.eval.metrics import fidelity, string_match_all
+from kvsqueeze.eval.metrics import bytes_fields, fidelity, string_match_all
 from kvsqueeze.eval.tasks import LONG_GENERATION, fidelity_tokens, make_sample, sample_seed
 from kvsqueeze.models import chat_prompt
 from kvsqueeze.prefill import prefill
@@ -110,7 +110,7 @@ class _LongRun:
         self, config, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task, length, index
     ):
         self.config, self.model, self.tokenizer = config, model, tokenizer
-        self.task, self.length, self.index = task, length, index
+        self.length, self.index = length, index
         self.steps = config.longgen_tokens
         self.eos = eos_ids(model, tokenizer)
         install(model)
@@ -129,18 +129,12 @@ class _LongRun:
     ) -> dict:
         """The fields every long-generation line has; bytes are what the cache holds at the end
         (``kv_bytes_full``: what the full cache would hold for the same tokens)."""
-        footprint = footprint_of(prefilled.cache)
         return {
             "prompt_tokens": prompt,
             "context_tokens": prompt,
             "generated_tokens": generated,
             "score": score,
-            **{
-                k: footprint[k]
-                for k in ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit")
-            },
-            "kv_dtype": footprint["kv_dtype"],
-            "compression_ratio": footprint["compression_ratio"],
+            **bytes_fields(footprint_of(prefilled.cache)),
             **end_bytes_of(prefilled.cache),
             "ms_per_token": 1000 * seconds / max(generated, 1),
             "prefill_seconds": prefilled.seconds,

@@ -294,6 +294,16 @@ def _mib(records: list[dict], field: str) -> str:
     return f"{mean(r[field] for r in records) / 2**20:.2f}"
 
 
+def _held_and_speed_cells(records: list[dict]) -> list[str]:
+    """KV MiB at the end (and the full cache's for the same tokens), the peak, ms/token, n."""
+    return [
+        f"{_mib(records, 'kv_bytes')} / {_mib(records, 'kv_bytes_full')}",
+        _mib(records, "kv_bytes_peak"),
+        f"{mean(r['ms_per_token'] for r in records):.1f}",
+        str(len(records)),
+    ]
+
+
 def _long_generation(records: list[dict]) -> list[str]:
     """Tables of the ``kvsqueeze.eval.longgen`` tasks: top-1 agreement per answer segment, and
     recall / counting scores, each with the bytes held at the answer's end and at the peak."""
@@ -331,13 +341,7 @@ def _long_generation(records: list[dict]) -> list[str]:
                 )
                 for i in range(len(ends))
             ]
-            cells += [
-                _mean_with_bootstrap([r["kl"] for r in mine], 1.0, 3),
-                f"{_mib(mine, 'kv_bytes')} / {_mib(mine, 'kv_bytes_full')}",
-                _mib(mine, "kv_bytes_peak"),
-                f"{mean(r['ms_per_token'] for r in mine):.1f}",
-                str(len(mine)),
-            ]
+            cells += [_mean_with_bootstrap([r["kl"] for r in mine], 1.0, 3), *_held_and_speed_cells(mine)]
             lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
         lines.append("")
     for task, title in (
@@ -368,10 +372,7 @@ def _long_generation(records: list[dict]) -> list[str]:
             cells = [
                 _with_interval(mean(scores), mean_interval([scores])),
                 _relative_cell(relative),
-                f"{_mib(mine, 'kv_bytes')} / {_mib(mine, 'kv_bytes_full')}",
-                _mib(mine, "kv_bytes_peak"),
-                f"{mean(r['ms_per_token'] for r in mine):.1f}",
-                str(len(mine)),
+                *_held_and_speed_cells(mine),
             ]
             lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
         lines.append("")

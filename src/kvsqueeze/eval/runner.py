@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.engine import continuation_logits, generate_multiturn
 from kvsqueeze.eval import longgen
 from kvsqueeze.eval import tasks as task_lib
-from kvsqueeze.eval.metrics import fidelity, string_match_all
+from kvsqueeze.eval.metrics import bytes_fields, fidelity, string_match_all
 from kvsqueeze.models import DEFAULT_MODEL
 from kvsqueeze.recipe import Recipe
 
@@ -226,7 +226,7 @@ class _TaskRun:
             "depth": sample.depth,
             "info": sample.info,
             "score": sum(scores) / len(scores),
-            **_bytes_fields(asdict(first)),
+            **bytes_fields(asdict(first)),
             "kv_bytes_peak": max(r.kv_bytes_peak for r in results),
             "kv_bytes_end": max(r.kv_bytes_end for r in results),
             "prefill_seconds": sum(r.prefill_seconds for r in results),
@@ -243,12 +243,6 @@ class _TaskRun:
                 questions=list(sample.questions),
             )
         return record
-
-
-def _bytes_fields(footprint: dict) -> dict:
-    names = ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit", "kv_dtype")
-    fields = {name: footprint[name] for name in names}
-    return {**fields, "compression_ratio": 1.0 - fields["kv_bytes"] / fields["kv_bytes_full"]}
 
 
 class _FidelityRun:
@@ -273,7 +267,7 @@ class _FidelityRun:
             "continuation_tokens": len(self.continuation),
             "score": metrics["top1"],
             **metrics,
-            **_bytes_fields(result.footprint),
+            **bytes_fields(result.footprint),
             "prefill_seconds": result.seconds,
             "decode_seconds": 0.0,
             "wall_seconds": result.seconds,
