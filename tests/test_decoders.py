@@ -11,6 +11,7 @@ from tiny_models import tiny_model
 from kvsqueeze import install
 from kvsqueeze.decoding import DECODERS, RKV, SCOPE, LazyEviction, MorphKV
 from kvsqueeze.decoding.lazy import decode_recurrence, encode_recurrence
+from kvsqueeze.decoding.rkv import key_redundancy
 from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers.base import ScoringInputs, inputs_from_tensors
 from kvsqueeze.selection import keep_mask
@@ -169,3 +170,20 @@ def test_lazy_records_every_period_even_before_the_budget_is_reached(models):
     view = cache.layers[0].view()
     assert view.scores is not None and bool((view.scores[view.slots >= 0] > 0).all())
     assert cache.tokens_kept() == (PROMPT + 8) * 2 * 2  # nothing evicted: 2 layers x 2 KV heads
+
+
+@pytest.mark.parametrize("threshold", [0.5, -0.5])
+def test_rkv_redundancy_compares_only_the_candidates(threshold):
+    """A head's redundancy is the same whether its candidates sit alone or among other tokens (a
+    frozen prompt before them, tokens after them): non-candidates, whatever their keys or a
+    negative threshold, are no one's copy, and their own redundancy is 0."""
+    generator = torch.Generator().manual_seed(0)
+    candidate_keys = torch.randn(1, 2, 6, 8, generator=generator)
+    alone = key_redundancy(candidate_keys, torch.ones(1, 2, 6, dtype=torch.bool), threshold)
+    keys = torch.cat([torch.randn(1, 2, 3, 8), candidate_keys, torch.randn(1, 2, 2, 8)], 2)
+    columns = torch.arange(11).expand(1, 2, 11)
+    candidates = (columns >= 3) & (columns < 9)
+    among_others = key_redundancy(keys, candidates, threshold)
+    torch.testing.assert_close(among_others[..., 3:9], alone)
+    assert bool((among_others[~candidates] == 0).all())
+    assert not torch.allclose(alone, torch.full_like(alone, 1 / 6))  # the keys do set the scores

@@ -18,16 +18,22 @@ def key_redundancy(keys: torch.Tensor, candidates: torch.Tensor, threshold: floa
 
     Each candidate's similarity to its most recent near-duplicate (the latest other candidate
     with similarity above ``threshold``) does not count, so of a run of copies the latest one is
-    the least redundant: it is the one kept.
+    the least redundant: it is the one kept. Only the candidates are compared (gathered first, in
+    order), so a frozen prompt in the same row costs nothing.
     """
-    unit = unit_keys(keys, candidates)
+    width = int(candidates.sum(-1).max()) if candidates.numel() else 0
+    order = torch.argsort((~candidates).to(torch.uint8), dim=-1, stable=True)[..., :width]
+    picked = candidates.gather(-1, order)
+    unit = unit_keys(keys.gather(2, order[..., None].expand(-1, -1, -1, keys.shape[-1])), picked)
     similarity = unit @ unit.transpose(-1, -2)
     similarity.diagonal(dim1=-2, dim2=-1).zero_()
-    index = torch.arange(keys.shape[2], device=keys.device)
-    latest_copy = torch.where(similarity > threshold, index, -1).amax(-1, keepdim=True)
+    index = torch.arange(width, device=keys.device)
+    copies = (similarity > threshold) & picked[..., None, :]
+    latest_copy = torch.where(copies, index, -1).amax(-1, keepdim=True)
     similarity = similarity.masked_fill((index == latest_copy) & (latest_copy >= 0), 0.0)
-    mean = similarity.sum(-2) / candidates.sum(-1, keepdim=True).clamp(min=1)
-    return torch.softmax(mean.masked_fill(~candidates, -torch.inf), dim=-1).nan_to_num(0.0)
+    mean = similarity.sum(-2) / picked.sum(-1, keepdim=True).clamp(min=1)
+    redundancy = torch.softmax(mean.masked_fill(~picked, -torch.inf), dim=-1).nan_to_num(0.0)
+    return torch.zeros(candidates.shape, device=keys.device).scatter(-1, order, redundancy)
 
 
 @dataclass
