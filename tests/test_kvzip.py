@@ -14,7 +14,7 @@ from kvsqueeze.engine import ContextTooLongError, prefill, prefill_context, spli
 from kvsqueeze.prefill import SMALLEST_CHUNK, ReconstructionPrefill, RepeatRequests
 from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import NEVER_EVICT, KVzip
-from kvsqueeze.scorers.base import inputs_from_tensors
+from kvsqueeze.scorers.base import ScoringInputs, inputs_from_tensors, visible_columns
 
 CONTEXT = "The museum opens at nine. " * 12 + "The pass key is 4417. " + "Tea is served at four. " * 12
 
@@ -27,6 +27,48 @@ def test_attention_peak_matches_blocked_attention():
     valid = torch.rand(1, 2, 16, generator=torch.Generator().manual_seed(4)) > 0.3
     inputs = inputs_from_tensors(randn(1, 2, 16, 8), randn(1, 4, 7, 8, seed=1), valid=valid)
     torch.testing.assert_close(inputs.attention_peak(block=2), inputs.attention(block=3).amax(3))
+
+
+def plain_softmax(inputs: ScoringInputs, start: int = 0) -> torch.Tensor:
+    """``[B, Hkv, n_rep, q, L]``: the whole masked softmax at once, the reference to match."""
+    batch, kv_heads, _, dim = inputs.keys.shape
+    queries = inputs.queries[:, :, start:].reshape(batch, kv_heads, inputs.n_rep, -1, dim)
+    logits = torch.einsum("bhrqd,bhld->bhrql", queries, inputs.keys) * inputs.scaling
+    logits = logits.masked_fill(~inputs.query_mask(start)[:, :, None], -math.inf)
+    return logits.softmax(-1).nan_to_num(0.0)
+
+
+def awkward_inputs() -> ScoringInputs:
+    """GQA (3 query heads per KV head), 9 queries that are the last 9 of 20 candidates, invalid
+    entries, left padding in row 0, ragged padding in row 1, and row 0 head 1's first query
+    seeing no valid candidate."""
+    generator = torch.Generator().manual_seed(5)
+    valid = torch.rand(2, 2, 20, generator=generator) > 0.3
+    valid[0, :, :3] = False
+    valid[0, 1, :12] = False
+    valid[1, 1, -4:] = False
+    slots = torch.arange(20).repeat(2, 2, 1)
+    slots[1, 1, -4:] = -1
+    return inputs_from_tensors(randn(2, 2, 20, 8), 3 * randn(2, 6, 9, 8, seed=1), valid=valid, slots=slots)
+
+
+@pytest.mark.parametrize("block", [2, 4, 256])
+def test_attention_statistics_match_the_plain_softmax(block):
+    inputs = awkward_inputs()
+    probs = plain_softmax(inputs)
+    assert probs[0, 1, :, 0].sum() == 0  # the query that sees nothing
+    peak = inputs.attention_peak(block=block)
+    assert not peak.isnan().any()
+    torch.testing.assert_close(peak, probs.amax(3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs.attention_mass(block=block), probs.sum(3), rtol=0, atol=1e-6)
+    torch.testing.assert_close(inputs.attention_peak(last=5, block=block), plain_softmax(inputs, 4).amax(3))
+    torch.testing.assert_close(inputs.attention(block=block), probs, rtol=0, atol=1e-6)
+
+
+def test_visible_columns_split_older_shared_columns_from_the_causal_ones():
+    slots = torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]]])
+    assert visible_columns(slots, torch.tensor([[2, 3]])) == (2, 4)
+    assert visible_columns(slots, torch.tensor([[5]])) == (4, 6)  # head 1's tail is padding
 
 
 def _observation(length: int, seed: int) -> Observation:
@@ -153,6 +195,26 @@ def test_a_chunk_as_long_as_the_context_keeps_what_one_pass_keeps(tiny, recipe):
     shorter = CompressedCache(Recipe.parse(recipe.replace("kvzip", "kvzip:chunk=32")))
     prefill_context(model, tokenizer, shorter, ids, torch.ones_like(ids))
     assert _kept_slots(shorter) != _kept_slots(reference)  # the pieces' queries do score differently
+
+
+def _plain_peak(inputs: ScoringInputs, last: int | None = None, block: int = 256) -> torch.Tensor:
+    if last is None and "attention_peak" in inputs.observed:
+        return inputs.observed["attention_peak"]
+    return plain_softmax(inputs, inputs.num_queries - (last or inputs.num_queries)).amax(3)
+
+
+@pytest.mark.parametrize("recipe", ["kvzip:chunk=32@0.5", "kvzip+global@0.75"])
+def test_kvzip_keeps_what_the_plain_softmax_peak_keeps(tiny, recipe, monkeypatch):
+    model, tokenizer = tiny
+    install(model)
+    context_text, _ = split_prompt(tokenizer, CONTEXT, "What is the pass key?")
+    ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
+    fast = CompressedCache(Recipe.parse(recipe))
+    prefill_context(model, tokenizer, fast, ids, torch.ones_like(ids))
+    monkeypatch.setattr(ScoringInputs, "attention_peak", _plain_peak)
+    plain = CompressedCache(Recipe.parse(recipe))
+    prefill_context(model, tokenizer, plain, ids, torch.ones_like(ids))
+    assert _kept_slots(fast) == _kept_slots(plain)
 
 
 def _peak_while_prefilling(

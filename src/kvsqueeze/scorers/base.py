@@ -107,7 +107,12 @@ class ScoringInputs:
         """
         start = self._first_query(last)
         if start not in self._probs_cache:
-            self._probs_cache[start] = torch.cat(list(self._attention_blocks(start, block)), dim=3)
+            length = self.keys.shape[2]
+            blocks = [
+                torch.nn.functional.pad(log_probs.exp(), (0, length - log_probs.shape[-1]))
+                for log_probs in self._log_attention_blocks(start, block)
+            ]
+            self._probs_cache[start] = torch.cat(blocks, dim=3)
         return self._probs_cache[start]
 
     def attention_mass(self, last: int | None = None, block: int = 256) -> torch.Tensor:
@@ -119,38 +124,77 @@ class ScoringInputs:
         """
         if last is None and "attention_mass" in self.observed:
             return self.observed["attention_mass"]
-        return self._reduce_attention(last, block, peak=False)
+        start = self._first_query(last)
+        if start in self._probs_cache:
+            return self._probs_cache[start].sum(3)
+        total = self.keys.new_zeros(*self._statistic_shape(), dtype=torch.float32)
+        for log_probs in self._log_attention_blocks(start, block):
+            total[..., : log_probs.shape[-1]] += log_probs.exp().sum(3)
+        return total
 
     def attention_peak(self, last: int | None = None, block: int = 256) -> torch.Tensor:
         """``[B, Hkv, n_rep, L]`` largest attention each candidate receives from any of the last
-        ``last`` queries (all if None): ``attention(last).amax(3)`` in ``O(block * L)`` memory."""
+        ``last`` queries (all if None): ``attention(last).amax(3)`` in ``O(block * L)`` memory.
+
+        The max is taken over log-probabilities and exponentiated once per candidate.
+        """
         if last is None and "attention_peak" in self.observed:
             return self.observed["attention_peak"]
-        return self._reduce_attention(last, block, peak=True)
-
-    def _reduce_attention(self, last: int | None, block: int, peak: bool) -> torch.Tensor:
         start = self._first_query(last)
         if start in self._probs_cache:
-            probs = self._probs_cache[start]
-            return probs.amax(3) if peak else probs.sum(3)
+            return self._probs_cache[start].amax(3)
+        peak = self.keys.new_full(self._statistic_shape(), -math.inf, dtype=torch.float32)
+        for log_probs in self._log_attention_blocks(start, block):
+            width = log_probs.shape[-1]
+            peak[..., :width] = torch.maximum(peak[..., :width], log_probs.amax(3))
+        return peak.exp()
+
+    def _statistic_shape(self) -> tuple[int, int, int, int]:
         batch, kv_heads, length, _ = self.keys.shape
-        total = torch.zeros(batch, kv_heads, self.n_rep, length, device=self.keys.device)
-        for probs in self._attention_blocks(start, block):
-            total = torch.maximum(total, probs.amax(3)) if peak else total + probs.sum(3)
-        return total
+        return batch, kv_heads, self.n_rep, length
 
     def _first_query(self, last: int | None) -> int:
         return 0 if last is None else max(self.num_queries - last, 0)
 
-    def _attention_blocks(self, start: int, block: int) -> Iterator[torch.Tensor]:
+    def _log_attention_blocks(self, start: int, block: int) -> Iterator[torch.Tensor]:
+        """Log-softmax attention of query blocks, ``[B, Hkv, n_rep, block, width]`` float32 with
+        ``-inf`` where masked; columns from ``width`` on are seen by no query of the block."""
         batch, kv_heads, _, dim = self.keys.shape
         keys = self.keys.float()
-        queries = self.queries[:, :, start:].float().reshape(batch, kv_heads, self.n_rep, -1, dim)
+        queries = self.queries[:, :, start:].float() * self.scaling
+        queries = queries.reshape(batch, kv_heads, self.n_rep, -1, dim)
+        hidden = ~self.valid[:, :, None, None]
         for lo in range(0, queries.shape[3], block):
-            logits = torch.einsum("bhrqd,bhld->bhrql", queries[:, :, :, lo : lo + block], keys) * self.scaling
-            mask = self.query_mask(start + lo, start + lo + block)
-            logits = logits.masked_fill(~mask[:, :, None], -math.inf)
-            yield torch.softmax(logits, dim=-1).nan_to_num(0.0)
+            query_slots = self.query_slots[:, start + lo : start + lo + block]
+            shared, width = visible_columns(self.slots, query_slots)
+            logits = torch.einsum("bhrqd,bhld->bhrql", queries[:, :, :, lo : lo + block], keys[:, :, :width])
+            # columns older than every query of the block: validity alone masks them, one row for all
+            logits[..., :shared].masked_fill_(hidden[..., :shared], -math.inf)
+            causal = self.slots[:, :, None, shared:width] <= query_slots[:, None, :, None]
+            seen = causal & self.valid[:, :, None, shared:width]
+            logits[..., shared:].masked_fill_(~seen[:, :, None], -math.inf)
+            yield logits.sub_(log_normaliser(logits))
+
+
+def visible_columns(slots: torch.Tensor, query_slots: torch.Tensor) -> tuple[int, int]:
+    """How the candidate columns split for a block of queries, ``slots [B, H, L]`` and
+    ``query_slots [B, w]``: ``(shared, width)`` such that in every head, columns before ``shared``
+    hold tokens older than every query (each query sees them if valid) and columns from ``width``
+    on hold padding or tokens newer than every query (no query sees them)."""
+    first = query_slots.amin(1)[:, None, None]
+    last = query_slots.amax(1)[:, None, None]
+    older = ((slots >= 0) & (slots < first)).flatten(0, 1).all(0)
+    unseen = ((slots < 0) | (slots > last)).flatten(0, 1).all(0)
+    shared = int(older.long().cumprod(0).sum())
+    width = slots.shape[-1] - int(unseen.flip(0).long().cumprod(0).sum())
+    return shared, width
+
+
+def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last axis, keeping it; ``+inf`` for rows with nothing visible, so
+    that their log-probabilities are ``-inf`` (probability 0) rather than NaN."""
+    normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return normaliser.masked_fill_(normaliser == -math.inf, math.inf)
 
 
 class Scorer(Component):
