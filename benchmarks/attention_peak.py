@@ -1,8 +1,11 @@
 """KVzip's attention-peak statistic before and after issue 14, measured side by side in one run.
 
-"before" is the former computation, kept here only as the reference: fp32 logits, a
-``[B, Hkv, block, L]`` causal mask applied with ``masked_fill``, a softmax and ``nan_to_num``
-over every query, then the max. "after" is ``ScoringInputs.attention_peak``: one logsumexp per
+"before" is the former ``ScoringInputs.attention_peak``, copied here verbatim as the reference
+(``old_attention_peak``): fp32 logits, a ``[B, Hkv, block, L]`` causal mask applied with
+``masked_fill``, a softmax and ``nan_to_num`` over every query, then the max; and, like every
+``attention_peak``, the statistic the attention function recorded over every query of the forward
+(``inputs.observed``) when there is one, which is what KVzip scores with at compression time (its
+compression step holds no queries). "after" is ``ScoringInputs.attention_peak``: one logsumexp per
 query, the max over log-probabilities, one exponential per candidate, the causal comparison only
 on the columns that need it. Two measurements, each "before" then "after":
 
@@ -30,10 +33,16 @@ CONTEXT_TOKENS = 2048
 RECIPE = "kvzip+global@0.75"
 
 
-def reference_peak(inputs: ScoringInputs, last: int | None = None, block: int = BLOCK) -> torch.Tensor:
-    """The statistic as computed before issue 14 (``attention(last).amax(3)`` in query blocks)."""
+def old_attention_peak(inputs: ScoringInputs, last: int | None = None, block: int = BLOCK) -> torch.Tensor:
+    """``ScoringInputs.attention_peak`` as it was before issue 14 (``attention(last).amax(3)`` in
+    query blocks), the observed statistic included: without it, the compression step, which has
+    no queries, would score every candidate 0."""
+    if last is None and "attention_peak" in inputs.observed:
+        return inputs.observed["attention_peak"]
+    start = inputs._first_query(last)
+    if start in inputs._probs_cache:
+        return inputs._probs_cache[start].amax(3)
     batch, kv_heads, length, dim = inputs.keys.shape
-    start = 0 if last is None else max(inputs.num_queries - last, 0)
     keys = inputs.keys.float()
     queries = inputs.queries[:, :, start:].float().reshape(batch, kv_heads, inputs.n_rep, -1, dim)
     peak = torch.zeros(batch, kv_heads, inputs.n_rep, length, device=keys.device)
@@ -61,9 +70,9 @@ def statistic_alone() -> None:
     keys = torch.randn(1, 3, context + copy, 64, generator=generator)
     queries = torch.randn(1, 9, copy, 64, generator=generator)
     inputs = inputs_from_tensors(keys, queries)
-    before = seconds(lambda: reference_peak(inputs))
+    before = seconds(lambda: old_attention_peak(inputs))
     after = seconds(lambda: inputs.attention_peak())
-    error = (reference_peak(inputs) - inputs.attention_peak()).abs().max().item()
+    error = (old_attention_peak(inputs) - inputs.attention_peak()).abs().max().item()
     print(f"statistic alone, {copy} queries x {context + copy} candidates: before {before:.2f} s, "
           f"after {after:.2f} s ({before / after:.1f}x), max |diff| {error:.1e}")  # fmt: skip
 
@@ -86,6 +95,20 @@ def timed_kvzip_prefill(model, tokenizer, ids: torch.Tensor, peak) -> tuple[Comp
     return cache, total, spent[0]
 
 
+def checked_peak(errors: list[float]):
+    """``ScoringInputs.attention_peak`` that also computes ``old_attention_peak`` on every call of
+    the forward (the compression step's calls return the observed statistic) and records the
+    largest difference in ``errors``."""
+
+    def peak(inputs: ScoringInputs, *args, **kwargs) -> torch.Tensor:
+        result = ScoringInputs.attention_peak(inputs, *args, **kwargs)
+        if not inputs.observed:
+            errors.append((result - old_attention_peak(inputs, *args, **kwargs)).abs().max().item())
+        return result
+
+    return peak
+
+
 def whole_prefill() -> None:
     model, tokenizer = load_model()
     install(model)
@@ -94,19 +117,31 @@ def whole_prefill() -> None:
     ids = torch.tensor([tokenizer.encode(context_text, add_special_tokens=False)])
     timed_kvzip_prefill(model, tokenizer, ids[:, :256], ScoringInputs.attention_peak)  # warm-up
     runs = {
-        "before": timed_kvzip_prefill(model, tokenizer, ids, reference_peak),
+        "before": timed_kvzip_prefill(model, tokenizer, ids, old_attention_peak),
         "after": timed_kvzip_prefill(model, tokenizer, ids, ScoringInputs.attention_peak),
     }
     for name, (_, total, statistic) in runs.items():
         print(f"{RECIPE} prefill, {ids.shape[1]} context tokens, {name}: {total:.1f} s, "
               f"statistic {statistic:.1f} s ({statistic / total:.0%})")  # fmt: skip
-    before, after = (held_slots(cache) for cache, _, _ in runs.values())
-    print(f"same tokens kept in every layer and head: {all(map(torch.equal, before, after))}")
+    before, after = (kept(cache) for cache, _, _ in runs.values())
+    print(f"tokens kept: before {len(before)}, after {len(after)}, kept by only one: {len(before ^ after)}; "
+          f"bytes held: before {runs['before'][0].nbytes()}, after {runs['after'][0].nbytes()}")  # fmt: skip
+    errors: list[float] = []
+    timed_kvzip_prefill(model, tokenizer, ids, checked_peak(errors))
+    calls = f"each of the {len(errors)} forward calls"
+    print(f"statistic, after vs before, on {calls}: max |diff| {max(errors):.1e}")
 
 
-def held_slots(cache: CompressedCache) -> list[torch.Tensor]:
-    """The slots each layer holds, ``[B, Hkv, L]`` per layer."""
-    return [layer.held_tokens(torch.float32).slots for layer in cache.layers]
+def kept(cache: CompressedCache) -> set[tuple[int, int, int, int]]:
+    """``(layer, row, KV head, slot)`` of every token the cache holds."""
+    held = set()
+    for index, layer in enumerate(cache.layers):
+        slots = layer.held_tokens(torch.float32).slots
+        for (row, head, _), slot in zip(
+            torch.nonzero(slots >= 0).tolist(), slots[slots >= 0].tolist(), strict=True
+        ):
+            held.add((index, row, head, slot))
+    return held
 
 
 if __name__ == "__main__":
