@@ -154,6 +154,37 @@ def test_context_is_prefilled_once_and_matches_the_library(served, real_model):
         )
 
 
+def test_a_document_pasted_into_the_user_message_is_compressed_and_reused(real_model):
+    """How OpenAI clients send a document: in the one user message. Everything but its last
+    ``--protect-tail`` tokens is compressed; the same request again reuses that whole context,
+    another question on the same document the context up to its last full chunk
+    (``cached_tokens``), and both answer as a cold request does."""
+    model, tokenizer = real_model
+    document = "The museum opens at nine. " * 90 + "The pass key is 73914. " + "Tea is served at four. " * 90
+
+    def messages(question: str) -> list[dict]:
+        return [{"role": "user", "content": f"{document}\n\n{question}"}]
+
+    def pasted(question: str):
+        return client(base).chat.completions.create(model=MODEL, messages=messages(question), max_tokens=12)
+
+    with running(model, tokenizer, recipe="keydiff@0.75", kv_memory=256 << 20) as (base, server):
+        first, again = pasted("What is the pass key?"), pasted("What is the pass key?")
+        fed = server.runner.stats.prefill_tokens
+        other = pasted("Tell me: what is the pass key?")
+        context, _ = server.prompts.split_chat(messages("What is the pass key?"))
+    with running(model, tokenizer, recipe="keydiff@0.75", kv_memory=256 << 20, prefix_cache=0) as (base, _):
+        cold = pasted("Tell me: what is the pass key?")
+    assert "73914" in first.choices[0].message.content
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert other.choices[0].message.content == cold.choices[0].message.content
+    prompt_tokens = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == len(context) > 0.9 * prompt_tokens
+    assert fed == 2 * prompt_tokens - again.usage.prompt_tokens_details.cached_tokens
+    assert other.usage.prompt_tokens_details.cached_tokens >= 0.75 * other.usage.prompt_tokens
+
+
 def test_a_kvzip_context_is_compressed_once_and_answers_as_the_library(real_model):
     model, tokenizer = real_model
     document = "The museum opens at nine. " * 20 + "The pass key is 73914. " + "Tea is served at four. " * 20

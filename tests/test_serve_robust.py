@@ -41,7 +41,7 @@ def test_a_request_failing_inside_the_model_gets_a_500_and_the_others_answer(tin
     model, tokenizer = tiny
     with serving(model, tokenizer, model_name=MODEL) as (base, server):
         alone = [ask(base, text) for text in ("Hi", "Name a colour.")]
-        prompt_tokens = len(server.encode(server.render([{"role": "user", "content": LONG}])))
+        prompt_tokens = len(server.prompts.encode(server.prompts.render([{"role": "user", "content": LONG}])))
         monkeypatch.setattr(model, "forward", Poisoned(model.forward, limit=prompt_tokens + 2))
         with ThreadPoolExecutor(4) as pool:
             failing = pool.submit(ask, base, LONG)
@@ -111,13 +111,13 @@ def test_prompts_are_tokenized_off_the_event_loop(tiny, monkeypatch):
     model, tokenizer = tiny
     with serving(model, tokenizer, model_name=MODEL) as (base, server):
         threads = []
-        encode = server.encode
+        encode = server.prompts.encode
 
         def recording(text):
             threads.append(threading.current_thread().name)
             return encode(text)
 
-        monkeypatch.setattr(server, "encode", recording)
+        monkeypatch.setattr(server.prompts, "encode", recording)
         assert ask(base, "Hi", max_tokens=2) is not None
         client(base).completions.create(model=MODEL, prompt="Some context.\n\nHi", max_tokens=2)
     assert len(threads) == 4 and all(name.startswith("kvsqueeze-tokenize") for name in threads)

@@ -202,9 +202,28 @@ def test_prefix_reuse_resumes_from_the_longest_saved_boundary():
     assert other_scope.sink.done["cached_tokens"] == 0
 
 
-def test_chain_hashes_cover_full_blocks_only():
-    assert len(chain_hashes(list(range(20)), 8)) == 2
-    assert chain_hashes(list(range(16)), 8) == chain_hashes(list(range(20)), 8)
+def test_the_same_context_again_is_reused_whole_partial_last_chunk_included():
+    """Another question on the same context (its partial last chunk too) resumes from the state
+    saved at the context's end; a context that only starts with it resumes at a chunk boundary."""
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm@0.5")
+    prefix = PrefixCache(1 << 30, CHUNK, "tiny", str(recipe), "float32")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, prefix_cache=prefix)
+    context = tokens(7, 3 * CHUNK + 5)
+    first = Sequence(context=context, prompt=tokens(9, 4), max_tokens=5, sink=Collector())
+    again = Sequence(context=context, prompt=tokens(11, 3), max_tokens=5, sink=Collector())
+    longer = Sequence(context=context + tokens(12, 2), prompt=tokens(9, 4), max_tokens=5, sink=Collector())
+    for seq in (first, again, longer):
+        run_until_done(runner, [seq])
+    assert [seq.sink.done["cached_tokens"] for seq in (first, again, longer)] == [0, len(context), 3 * CHUNK]
+    for seq in (again, longer):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+
+
+def test_chain_hashes_chain_every_block_the_last_one_partial():
+    assert len(chain_hashes(list(range(20)), 8)) == 3
+    assert chain_hashes(list(range(16)), 8) == chain_hashes(list(range(20)), 8)[:2]
+    assert chain_hashes(list(range(20)), 8)[2] != chain_hashes(list(range(21)), 8)[2]
     assert chain_hashes([1, *range(1, 16)], 8)[1] != chain_hashes(list(range(16)), 8)[1]
 
 

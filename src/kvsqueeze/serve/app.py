@@ -5,11 +5,11 @@ turns the token events it sends back into JSON or server-sent events. Nothing he
 tensor. Everything lives in one ``Server`` object (no module-level state), so tests can build
 several in one process.
 
-How a prompt is split (the query-agnostic split of ``kvsqueeze.engine``): the *context* tokens
-are prefilled in chunks and compressed by the recipe, the *prompt* tokens after them are kept
-whole. Chat: everything before the last user message's text is context; with ``context_id`` the
-stored document (placed at the start of the first user message) is the context. Completions: the
-text before the last blank line (``"\\n\\n"``) is context.
+How a prompt is split (``kvsqueeze.serve.prompts``): the *context* tokens are prefilled in chunks
+and compressed by the recipe, the *prompt* tokens after them are kept whole. Chat and completions:
+everything but the last ``--protect-tail`` tokens of the last user message (or of the completion
+prompt) and what follows them is context; with ``context_id`` the stored document (placed at the
+start of the first user message) is the context.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.limits import RETRY_AFTER_SECONDS, AuthError, queue_full, scope_of
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prefix import PrefixCache
+from kvsqueeze.serve.prompts import DEFAULT_PROTECT_TAIL, DOCUMENT, Prompts
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
 from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
@@ -49,7 +50,6 @@ log = logging.getLogger("kvsqueeze.serve")
 
 T = TypeVar("T")
 
-SENTINEL = "\x00kvsqueeze-document\x00"
 CONTEXT_PREFIX = "ctx-"
 
 
@@ -61,6 +61,7 @@ class ServeConfig:
     recipe: str = "full"
     kv_memory: int = 2 << 30
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    protect_tail: int = DEFAULT_PROTECT_TAIL
     api_keys: tuple[str, ...] = ()
     stores: tuple[str, ...] = ()
     store_ram: int = 1 << 30
@@ -125,6 +126,7 @@ class Server:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
+        self.prompts = Prompts(tokenizer, config.protect_tail)
         self.recipe = Recipe.parse(config.recipe)
         self.recipe_name = str(self.recipe)
         self.dtype = str(model.dtype).removeprefix("torch.")
@@ -243,33 +245,6 @@ class Server:
         must not stall the event loop (every other stream's tokens); one thread, because a
         tokenizer is not safe to use from several at once."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, function, *args)
-
-    def encode_split(self, context_text: str, prompt_text: str) -> tuple[list[int], list[int]]:
-        return self.encode(context_text), self.encode(prompt_text)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def render(self, messages: list[dict]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return f"{turns}assistant:"
-
-    def document_head(self, messages_before: list[dict]) -> str:
-        """Rendered text before a document placed at the start of the first user message."""
-        text = self.render([*messages_before, {"role": "user", "content": SENTINEL}])
-        return text[: text.index(SENTINEL)]
-
-    def split_chat(self, messages: list[dict]) -> tuple[str, str]:
-        """(context text, prompt text): the cut is where the last user message's text starts."""
-        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last is None:
-            raise APIError(400, "messages need at least one user message", param="messages")
-        marked = [*messages[:last], {**messages[last], "content": SENTINEL}, *messages[last + 1 :]]
-        text = self.render(marked)
-        cut = text.index(SENTINEL)
-        return text[:cut], text[cut:].replace(SENTINEL, messages[last]["content"], 1)
 
     def check_size(self, context: int, prompt: int, max_tokens: int) -> None:
         total = context + prompt + max_tokens
@@ -420,8 +395,8 @@ def create_app(server: Server) -> FastAPI:
         document = body.get("document")
         if not isinstance(document, str) or not document:
             raise APIError(400, "'document' must be a non-empty string", param="document")
-        head = await server.off_loop(server.document_head, [])
-        tokens = await server.off_loop(server.encode, head + document)
+        head = await server.off_loop(server.prompts.document_head, [])
+        tokens = await server.off_loop(server.prompts.encode, head + document)
         server.check_size(len(tokens), 0, 1)
         content_hash = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:32]
         key = server.context_key(content_hash, scope)
@@ -488,11 +463,9 @@ def create_app(server: Server) -> FastAPI:
                 "context_not_found",
                 "context_id",
             )
-        first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first is None:
-            raise APIError(400, "messages need at least one user message", param="messages")
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
         head = lookup.entry.meta.get("head", "")
-        if await server.off_loop(server.document_head, messages[:first]) != head:
+        if await server.off_loop(server.prompts.document_head, messages[:first]) != head:
             raise APIError(
                 400,
                 "a request with context_id cannot put messages before the first user message that "
@@ -501,11 +474,11 @@ def create_app(server: Server) -> FastAPI:
             )
         marked = [
             *messages[:first],
-            {**messages[first], "content": SENTINEL + "\n\n" + messages[first]["content"]},
+            {**messages[first], "content": DOCUMENT + "\n\n" + messages[first]["content"]},
         ]
-        text = await server.off_loop(server.render, [*marked, *messages[first + 1 :]])
-        prompt_text = text[text.index(SENTINEL) + len(SENTINEL) :]
-        prompt = await server.off_loop(server.encode, prompt_text)
+        text = await server.off_loop(server.prompts.render, [*marked, *messages[first + 1 :]])
+        prompt_text = text[text.index(DOCUMENT) + len(DOCUMENT) :]
+        prompt = await server.off_loop(server.prompts.encode, prompt_text)
         prepared = Prepared(lookup.entry.meta["tokens"], prompt, 0, 0.0, 1.0, None, [])
         prepared.context_key = key
         if lookup.entry.tensors is None:  # corrupt everywhere: recompute from the manifest's tokens
@@ -533,6 +506,8 @@ def create_app(server: Server) -> FastAPI:
             if not isinstance(content, str):
                 raise APIError(400, "message content must be a string", param="messages")
             checked.append({"role": message["role"], "content": content})
+        if not any(message["role"] == "user" for message in checked):
+            raise APIError(400, "messages need at least one user message", param="messages")
         return checked
 
     @app.post("/v1/chat/completions")
@@ -546,8 +521,7 @@ def create_app(server: Server) -> FastAPI:
         if context_id is not None:
             prepared = await resolve_context(context_id, scope, messages)
         else:
-            context_text, prompt_text = await server.off_loop(server.split_chat, messages)
-            context, prompt = await server.off_loop(server.encode_split, context_text, prompt_text)
+            context, prompt = await server.off_loop(server.prompts.split_chat, messages)
             prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
         prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
         return await respond(request, body, prepared, scope, arrival, chat=True)
@@ -564,9 +538,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
         if body.get("context_id") is not None:
             raise APIError(400, "context_id is supported on /v1/chat/completions only", param="context_id")
-        cut = prompt.rfind("\n\n")
-        context_text, prompt_text = (prompt[:cut], prompt[cut:]) if cut > 0 else ("", prompt)
-        context, prompt = await server.off_loop(server.encode_split, context_text, prompt_text)
+        context, prompt = await server.off_loop(server.prompts.split_completion, prompt)
         prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
         sampling = _sampling(body, config.max_tokens_limit, 16)
         prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling

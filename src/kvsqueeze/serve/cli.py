@@ -12,6 +12,7 @@ from kvsqueeze.argtypes import count
 from kvsqueeze.models import DEFAULT_MODEL
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.serve.limits import ENVIRONMENT_VARIABLE, load_api_keys
+from kvsqueeze.serve.prompts import DEFAULT_PROTECT_TAIL
 
 _UNITS = {
     "": 1,
@@ -108,6 +109,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CHUNK_SIZE,
         metavar="N",
         help=f"context prefill chunk and prefix-reuse block, in tokens (default {DEFAULT_CHUNK_SIZE})",
+    )
+    parser.add_argument(
+        "--protect-tail",
+        type=count(0),
+        default=DEFAULT_PROTECT_TAIL,
+        metavar="N",
+        help="prompt tokens never compressed: the last N of the last user message (its question) "
+        "and the chat template's turn end and assistant header after them; everything before "
+        "them, a document pasted into the message included, is compressed and reused as a prefix "
+        f"(default {DEFAULT_PROTECT_TAIL}; with /v1/completions, the prompt's last N tokens)",
     )
     parser.add_argument(
         "--store-ram",
@@ -211,6 +222,7 @@ def run_serve(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         kv_memory=args.kv_memory,
         chunk_size=args.chunk_size,
+        protect_tail=args.protect_tail,
         api_keys=api_keys,
         stores=tuple(args.store),
         store_ram=args.store_ram,

@@ -345,13 +345,11 @@ class Runner:
 
     def _feed_context(self, cache: CompressedCache, seq: Sequence, done: int) -> torch.Tensor:
         """Feed ``seq.context`` from token ``done`` on, as the recipe's prefill strategy does,
-        saving chunk-boundary prefix states when the strategy passes through reusable ones."""
+        saving prefix states (``worth_saving``) when the strategy passes through reusable ones."""
         ids = torch.tensor([seq.context], dtype=torch.long, device=self.model.device)
-        last_full = len(seq.context) // self.chunk_size
 
         def save(stop: int) -> None:
-            chunks, partial = divmod(stop, self.chunk_size)
-            if self.prefix_cache is not None and not partial and worth_saving(chunks, last_full):
+            if self.prefix_cache is not None and worth_saving(stop, self.chunk_size, len(seq.context)):
                 self.prefix_cache.save(seq.context, stop, cache, seq.scope)
 
         logits = self.strategy.prefill(

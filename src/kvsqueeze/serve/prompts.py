@@ -1,0 +1,64 @@
+"""How a request's messages become tokens, and where compression stops.
+
+The whole prompt is one token sequence: every message, a document pasted into the last user
+message included, up to the last ``protect_tail`` tokens of that message. That part is the
+*context*: the recipe compresses it chunk by chunk and prefix reuse matches it, whatever the
+message layout. The rest, the *prompt*, is never compressed: the last ``protect_tail`` tokens of
+the last user message (its question, usually) and what the chat template puts after it (the end
+of the turn and the assistant's header). Compressing the context without its question is
+query-agnostic compression; the question's tokens still see the whole compressed context.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+DEFAULT_PROTECT_TAIL = 64
+"""Tokens at the end of the last user message that are never compressed."""
+
+DOCUMENT = "\x00kvsqueeze-document\x00"
+"""Stands for a message's text while a chat is rendered, to find where that text goes."""
+
+
+class Prompts:
+    """Render and tokenize chats and completions for one tokenizer (see module docstring)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, protect_tail: int = DEFAULT_PROTECT_TAIL):
+        self.tokenizer = tokenizer
+        self.protect_tail = protect_tail
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def render(self, messages: list[dict]) -> str:
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return f"{turns}assistant:"
+
+    def document_head(self, messages_before: list[dict]) -> str:
+        """Rendered text before a document placed at the start of the first user message."""
+        text = self.render([*messages_before, {"role": "user", "content": DOCUMENT}])
+        return text[: text.index(DOCUMENT)]
+
+    def split(self, text: str, answer_start: int) -> tuple[list[int], list[int]]:
+        """(context, prompt) tokens of a whole prompt ``text`` whose last user text ends at
+        character ``answer_start``: the prompt is its last ``protect_tail`` tokens before that
+        and every token after it."""
+        head = self.encode(text[:answer_start])
+        cut = max(len(head) - self.protect_tail, 0)
+        return head[:cut], head[cut:] + self.encode(text[answer_start:])
+
+    def split_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(context, prompt) tokens of a chat with at least one user message (``split``)."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        marked = [*messages[:last], {**messages[last], "content": DOCUMENT}, *messages[last + 1 :]]
+        text = self.render(marked)
+        content = messages[last]["content"]
+        answer_start = text.index(DOCUMENT) + len(content)
+        return self.split(text.replace(DOCUMENT, content, 1), answer_start)
+
+    def split_completion(self, prompt: str) -> tuple[list[int], list[int]]:
+        """(context, prompt) tokens of a completion prompt: its last ``protect_tail`` tokens are
+        the prompt."""
+        return self.split(prompt, len(prompt))
