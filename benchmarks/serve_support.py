@@ -62,7 +62,8 @@ def client(base: str) -> openai.OpenAI:
 
 
 def timed_chat(base: str, messages: list[dict], max_tokens: int = 8, **extra) -> tuple[float, str, dict]:
-    """(seconds to the first generated text, the whole answer, the final chunk's kvsqueeze info)."""
+    """(seconds to the first generated text, the whole answer, the final chunk's kvsqueeze info,
+    with ``cached_tokens`` and ``prompt_tokens`` added when ``stream_options`` asks for usage)."""
     start = time.perf_counter()
     first, parts, info = None, [], {}
     stream = client(base).chat.completions.create(
@@ -74,6 +75,9 @@ def timed_chat(base: str, messages: list[dict], max_tokens: int = 8, **extra) ->
                 first = first or time.perf_counter()
                 parts.append(choice.delta.content)
         info = (chunk.model_extra or {}).get("kvsqueeze", info)
+        if chunk.usage is not None:
+            cached = chunk.usage.prompt_tokens_details.cached_tokens
+            info = {**info, "cached_tokens": cached, "prompt_tokens": chunk.usage.prompt_tokens}
     return (first or time.perf_counter()) - start, "".join(parts), info
 
 

@@ -120,4 +120,4 @@ def test_prompts_are_tokenized_off_the_event_loop(tiny, monkeypatch):
         monkeypatch.setattr(server.prompts, "encode", recording)
         assert ask(base, "Hi", max_tokens=2) is not None
         client(base).completions.create(model=MODEL, prompt="Some context.\n\nHi", max_tokens=2)
-    assert len(threads) == 4 and all(name.startswith("kvsqueeze-tokenize") for name in threads)
+    assert len(threads) >= 4 and all(name.startswith("kvsqueeze-tokenize") for name in threads)

@@ -1,12 +1,15 @@
 """How a request's messages become tokens, and where compression stops.
 
 The whole prompt is one token sequence: every message, a document pasted into the last user
-message included, up to the last ``protect_tail`` tokens of that message. That part is the
-*context*: the recipe compresses it chunk by chunk and prefix reuse matches it, whatever the
-message layout. The rest, the *prompt*, is never compressed: the last ``protect_tail`` tokens of
-the last user message (its question, usually) and what the chat template puts after it (the end
-of the turn and the assistant's header). Compressing the context without its question is
-query-agnostic compression; the question's tokens still see the whole compressed context.
+message included, up to the protected tail of that message. That part is the *context*: the
+recipe compresses it chunk by chunk and prefix reuse matches it, whatever the message layout. The
+rest, the *prompt*, is never compressed: the protected tail and what the chat template puts after
+it (the end of the turn and the assistant's header). The protected tail is the message's last
+paragraph (after its last blank line) when that paragraph has at most ``protect_tail`` tokens --
+a question after a document, so that any short question on the same document leaves the same
+context, which prefix reuse then finds whole -- and otherwise its last ``protect_tail`` tokens.
+Compressing the context without its question is query-agnostic compression; the question's
+tokens still see the whole compressed context.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 DEFAULT_PROTECT_TAIL = 64
-"""Tokens at the end of the last user message that are never compressed."""
+"""Most tokens at the end of the last user message that are never compressed."""
+
+PARAGRAPH_BREAK = "\n\n"
 
 DOCUMENT = "\x00kvsqueeze-document\x00"
 """Stands for a message's text while a chat is rendered, to find where that text goes."""
@@ -41,13 +46,20 @@ class Prompts:
         text = self.render([*messages_before, {"role": "user", "content": DOCUMENT}])
         return text[: text.index(DOCUMENT)]
 
-    def split(self, text: str, answer_start: int) -> tuple[list[int], list[int]]:
-        """(context, prompt) tokens of a whole prompt ``text`` whose last user text ends at
-        character ``answer_start``: the prompt is its last ``protect_tail`` tokens before that
-        and every token after it."""
+    def split(self, text: str, answer_start: int, message_start: int = 0) -> tuple[list[int], list[int]]:
+        """(context, prompt) tokens of a whole prompt ``text`` whose last user text runs from
+        character ``message_start`` to ``answer_start``: the prompt is that text's protected tail
+        (see module docstring) and every token after it."""
+        answer = self.encode(text[answer_start:])
+        paragraph = text.rfind(PARAGRAPH_BREAK, message_start, answer_start)
+        if paragraph >= 0:
+            start = paragraph + len(PARAGRAPH_BREAK)
+            tail = self.encode(text[start:answer_start])
+            if len(tail) <= self.protect_tail:
+                return self.encode(text[:start]), tail + answer
         head = self.encode(text[:answer_start])
         cut = max(len(head) - self.protect_tail, 0)
-        return head[:cut], head[cut:] + self.encode(text[answer_start:])
+        return head[:cut], head[cut:] + answer
 
     def split_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(context, prompt) tokens of a chat with at least one user message (``split``)."""
@@ -55,10 +67,11 @@ class Prompts:
         marked = [*messages[:last], {**messages[last], "content": DOCUMENT}, *messages[last + 1 :]]
         text = self.render(marked)
         content = messages[last]["content"]
-        answer_start = text.index(DOCUMENT) + len(content)
-        return self.split(text.replace(DOCUMENT, content, 1), answer_start)
+        message_start = text.index(DOCUMENT)
+        text = text.replace(DOCUMENT, content, 1)
+        return self.split(text, message_start + len(content), message_start)
 
     def split_completion(self, prompt: str) -> tuple[list[int], list[int]]:
-        """(context, prompt) tokens of a completion prompt: its last ``protect_tail`` tokens are
-        the prompt."""
+        """(context, prompt) tokens of a completion prompt, the whole of it read as the last user
+        text (``split``)."""
         return self.split(prompt, len(prompt))
