@@ -25,8 +25,9 @@ def test_a_question_after_a_pasted_document_is_the_tail_and_the_document_is_cont
     prompts = Prompts(tokenizer)
     messages = chat(f"{DOCUMENT}\n\n{QUESTION}")
     context, prompt = prompts.split_chat(messages)
-    assert prompt == prompts.encode(QUESTION) + after(prompts, messages, QUESTION)
-    assert tokenizer.decode(context).endswith("Line 59: the harbour log of day 59 lists 10 ships.\n\n")
+    assert prompt == prompts.encode(f"\n\n{QUESTION}") + after(prompts, messages, QUESTION)
+    assert context + prompt == prompts.encode(prompts.render(messages))
+    assert tokenizer.decode(context).endswith("Line 59: the harbour log of day 59 lists 10 ships.")
     assert tokenizer.decode(context).count("<|im_start|>") == 2 and len(context) > 600  # system, user
 
 
@@ -70,5 +71,5 @@ def test_protect_tail_bounds_the_tokens_kept_whole(tokenizer, tail):
 def test_a_completion_prompt_is_cut_as_a_user_message(tokenizer):
     prompts = Prompts(tokenizer)
     context, prompt = prompts.split_completion(f"{DOCUMENT}\n\nQuestion: {QUESTION}\nAnswer:")
-    assert prompt == prompts.encode(f"Question: {QUESTION}\nAnswer:")
-    assert context == prompts.encode(f"{DOCUMENT}\n\n")
+    assert prompt == prompts.encode(f"\n\nQuestion: {QUESTION}\nAnswer:")
+    assert context == prompts.encode(DOCUMENT)

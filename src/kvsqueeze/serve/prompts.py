@@ -5,7 +5,7 @@ message included, up to the protected tail of that message. That part is the *co
 recipe compresses it chunk by chunk and prefix reuse matches it, whatever the message layout. The
 rest, the *prompt*, is never compressed: the protected tail and what the chat template puts after
 it (the end of the turn and the assistant's header). The protected tail is the message's last
-paragraph (after its last blank line) when that paragraph has at most ``protect_tail`` tokens --
+paragraph (from its last blank line on) when that paragraph has at most ``protect_tail`` tokens --
 a question after a document, so that any short question on the same document leaves the same
 context, which prefix reuse then finds whole -- and otherwise its last ``protect_tail`` tokens.
 Compressing the context without its question is query-agnostic compression; the question's
@@ -52,11 +52,10 @@ class Prompts:
         (see module docstring) and every token after it."""
         answer = self.encode(text[answer_start:])
         paragraph = text.rfind(PARAGRAPH_BREAK, message_start, answer_start)
-        if paragraph >= 0:
-            start = paragraph + len(PARAGRAPH_BREAK)
-            tail = self.encode(text[start:answer_start])
+        if paragraph >= 0:  # the break starts the tail: BPE pieces begin with their whitespace
+            tail = self.encode(text[paragraph:answer_start])
             if len(tail) <= self.protect_tail:
-                return self.encode(text[:start]), tail + answer
+                return self.encode(text[:paragraph]), tail + answer
         head = self.encode(text[:answer_start])
         cut = max(len(head) - self.protect_tail, 0)
         return head[:cut], head[cut:] + answer
