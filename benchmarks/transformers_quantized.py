@@ -88,8 +88,8 @@ def answer_with_transformers_cache(model, tokenizer, sample, backend: str, optio
     context = torch.tensor([tokenizer.encode(head, add_special_tokens=False)])
     out = []
     for question, prefix in zip(sample.questions, prefixes, strict=True):
-        _, tail = split_prompt(tokenizer, sample.context, question)
-        ids = torch.tensor([tokenizer.encode(tail + prefix, add_special_tokens=False)])
+        _, tail = split_prompt(tokenizer, sample.context, question, prefix)
+        ids = torch.tensor([tokenizer.encode(tail, add_special_tokens=False)])
         # quanto's tensors cannot be deep-copied: the context is prefilled again for each question
         cache = make_cache(backend, options, model.config)
         prefill(model, cache, context, torch.ones_like(context))

@@ -86,6 +86,7 @@ class DigitTokenizer:
     """Just enough tokenizer for ``passkey_samples``: one id per character, no chat template."""
 
     chat_template = None
+    bos_token_id = None
 
     def encode(self, text, add_special_tokens=False):
         return [ord(ch) % 96 for ch in text]

