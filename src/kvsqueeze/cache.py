@@ -93,7 +93,7 @@ class CompressedCache(Cache):
         self.nbytes_peak = 0
         self._decode_step = False
         self._first_visible: tuple | None = None
-        self._rope_inv_freq: dict[torch.device, torch.Tensor | None] = {}
+        self._rope_inv_freq: dict[tuple[torch.device, str | None], torch.Tensor | None] = {}
         if config is not None:
             self.configure(config)
 
@@ -131,6 +131,22 @@ class CompressedCache(Cache):
         self.record_past = True
         for layer in self.layers:
             layer.activate_past_recording()
+
+    @contextmanager
+    def past_recorded(self):
+        """Sliding-window layers keep what slides out of their window within the block, so a pass
+        that feeds tokens and crops them off again (KVzip's reconstruction) leaves each such layer
+        holding the window it had; after the block they let go of what no later query sees."""
+        recording = self.record_past
+        self.activate_past_recording()
+        try:
+            yield
+        finally:
+            self.record_past = recording
+            for layer in self.layers:
+                layer.record_past = recording
+                if layer.is_initialized:
+                    layer.after_forward(quantize=False)
 
     # ---- compression --------------------------------------------------------------------------
     @contextmanager
@@ -269,12 +285,18 @@ class CompressedCache(Cache):
         """
         self.context_tokens = self.context_tokens + tokens.to(self.context_tokens.device)
 
-    def rope_inv_freq(self, device: torch.device) -> torch.Tensor | None:
-        """The model's RoPE inverse frequencies (computed once per device), for scorers."""
-        if device not in self._rope_inv_freq:
-            inv_freq = None if self.config is None else rope_inverse_frequencies(self.config)
-            self._rope_inv_freq[device] = None if inv_freq is None else inv_freq.to(device)
-        return self._rope_inv_freq[device]
+    def rope_inv_freq(self, device: torch.device, layer_idx: int) -> torch.Tensor | None:
+        """The RoPE inverse frequencies of layer ``layer_idx`` (computed once per device and layer
+        type: Gemma 3's sliding and full layers rotate differently), for scorers."""
+        if self.config is None:
+            return None
+        text_config = self.config.get_text_config(decoder=True)
+        layer_types = getattr(text_config, "layer_types", None)
+        layer_type = layer_types[layer_idx] if layer_types else None
+        if (device, layer_type) not in self._rope_inv_freq:
+            inv_freq = rope_inverse_frequencies(text_config, layer_type)
+            self._rope_inv_freq[device, layer_type] = None if inv_freq is None else inv_freq.to(device)
+        return self._rope_inv_freq[device, layer_type]
 
     # ---- what is held -------------------------------------------------------------------------
     def _row_tensors(self) -> list[torch.Tensor]:

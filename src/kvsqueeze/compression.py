@@ -174,7 +174,7 @@ def scoring_inputs(
         scaling=observation.scaling,
         layer_idx=index,
         num_layers=config.num_hidden_layers if config is not None else len(cache.layers),
-        rope_inv_freq=cache.rope_inv_freq(view.keys.device),
+        rope_inv_freq=cache.rope_inv_freq(view.keys.device, index),
         previous_scores=view.scores,
         config=config,
         units=cache.units_of(view.slots),

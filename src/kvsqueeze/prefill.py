@@ -213,9 +213,10 @@ class ReconstructionPrefill(PrefillStrategy):
     a repeat request and that piece of the copy, teacher-forced with the copy protected and
     cropped off after its forward; each context token scores its largest attention over every
     piece's queries, and the context is compressed once, after the last piece. The cache then
-    holds context tokens only and the next token follows the context. A quantizer quantizes what
-    is kept only then. Peak = context + request + one piece, uncompressed; the pieces get shorter
-    when the model's window has no room for ``chunk`` tokens after the context.
+    holds context tokens only and the next token follows the context (a sliding-window layer
+    holds the window it had before the copy: ``CompressedCache.past_recorded``). A quantizer
+    quantizes what is kept only then. Peak = context + request + one piece, uncompressed; the
+    pieces get shorter when the model's window has no room for ``chunk`` tokens after the context.
     """
 
     reuses_prefix_states = False
@@ -269,7 +270,8 @@ class ReconstructionPrefill(PrefillStrategy):
         cache.count_context(mask.sum(-1))
         tokenizer = self.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with cache.settings(protect_from=context_length, quantize_now=False, defer_compression=True):
+        settings = cache.settings(protect_from=context_length, quantize_now=False, defer_compression=True)
+        with settings, cache.past_recorded():
             for rows in self._rounds(copies, piece):
                 copy_ids, copy_mask = (t.to(ids.device) for t in left_pad(rows, pad_id))
                 prefill(model, cache, copy_ids, torch.cat([mask, copy_mask], dim=1))
