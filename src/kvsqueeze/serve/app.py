@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.budgets.head_profile import ProfileNotFoundError
 from kvsqueeze.engine import eos_ids
-from kvsqueeze.models import max_context_length
+from kvsqueeze.models import max_context_length, with_bos
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.limits import RETRY_AFTER_SECONDS, AuthError, queue_full, scope_of
@@ -246,6 +246,16 @@ class Server:
         tokenizer is not safe to use from several at once."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, function, *args)
 
+    def check_chat_template(self) -> None:
+        """Chat messages and stored documents are framed by the model's chat template; a model
+        without one (a base model) gets a 400 pointing to ``/v1/completions``."""
+        if not self.tokenizer.chat_template:
+            raise APIError(
+                400,
+                f"model {self.config.model_name!r} has no chat template (a base model): chat messages "
+                "cannot be framed for it; send a completion prompt to /v1/completions instead",
+            )
+
     def check_size(self, context: int, prompt: int, max_tokens: int) -> None:
         total = context + prompt + max_tokens
         if total > self.max_length:
@@ -395,6 +405,7 @@ def create_app(server: Server) -> FastAPI:
         document = body.get("document")
         if not isinstance(document, str) or not document:
             raise APIError(400, "'document' must be a non-empty string", param="document")
+        server.check_chat_template()
         head = await server.off_loop(server.prompts.document_head, [])
         tokens = await server.off_loop(server.prompts.encode, head + document)
         server.check_size(len(tokens), 0, 1)
@@ -515,6 +526,7 @@ def create_app(server: Server) -> FastAPI:
         arrival = time.perf_counter()
         scope = server.scope(request)
         body = await read_json(request)
+        server.check_chat_template()
         messages = check_messages(body.get("messages"))
         sampling = _sampling(body, config.max_tokens_limit, config.default_max_tokens)
         context_id = body.get("context_id")
@@ -538,6 +550,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
         if body.get("context_id") is not None:
             raise APIError(400, "context_id is supported on /v1/chat/completions only", param="context_id")
+        prompt = with_bos(server.tokenizer, prompt)  # as the tokenizer itself would start it
         context, prompt = await server.off_loop(server.prompts.split_completion, prompt)
         prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
         sampling = _sampling(body, config.max_tokens_limit, 16)

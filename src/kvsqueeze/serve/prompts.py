@@ -36,10 +36,9 @@ class Prompts:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     def render(self, messages: list[dict]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-        return f"{turns}assistant:"
+        """The chat template's prompt for ``messages`` (the server refuses chats for a model
+        without one)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def document_head(self, messages_before: list[dict]) -> str:
         """Rendered text before a document placed at the start of the first user message."""
