@@ -100,8 +100,9 @@ def test_two_turn_prompt_starts_as_one_turn_and_ends_at_the_second_answer(tokeni
 
 def test_two_turn_prompt_without_a_chat_template(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
-    head, between = two_turn_prompt(tokenizer, "Q1", "Q2")
-    assert head == "Question: Q1\nAnswer:" and between == "\n\nQuestion: Q2\nAnswer:"
+    head, between = two_turn_prompt(tokenizer, "Q1", "Q2", "The key is")
+    assert head == chat_prompt(tokenizer, "Q1") and head.endswith("Q1\nAnswer:")
+    assert between == "\n\nQ2\nAnswer: The key is"
 
 
 def test_long_generation_tasks_run_end_to_end_and_report(tiny, tmp_path, monkeypatch):

@@ -201,9 +201,15 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str, answer_prefi
             [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
         )
         return header + answer_prefix
+    return with_bos(tokenizer, completion_prompt(user_text, answer_prefix))
+
+
+def completion_prompt(user_text: str, answer_prefix: str = "") -> str:
+    """A base model's turn without BOS: the text, then ``ANSWER_CUE`` and the answer prefix (a
+    prefix that starts with the cue replaces it)."""
     if not answer_prefix.startswith(ANSWER_CUE):
         answer_prefix = f"{ANSWER_CUE} {answer_prefix}".rstrip()
-    return with_bos(tokenizer, f"{user_text}\n{answer_prefix}")
+    return f"{user_text}\n{answer_prefix}"
 
 
 def bos_text(tokenizer: PreTrainedTokenizerBase) -> str:

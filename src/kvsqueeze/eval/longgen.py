@@ -40,7 +40,7 @@ from kvsqueeze.engine import (
 )
 from kvsqueeze.eval.metrics import bytes_fields, fidelity, string_match_all
 from kvsqueeze.eval.tasks import LONG_GENERATION, fidelity_tokens, make_sample, sample_seed
-from kvsqueeze.models import chat_prompt
+from kvsqueeze.models import chat_prompt, completion_prompt
 from kvsqueeze.prefill import prefill
 from kvsqueeze.recipe import Recipe
 
@@ -51,20 +51,22 @@ RECALL_ANSWER_TOKENS = 12
 _TURN_MARK = "\x00answer\x00"
 
 
-def two_turn_prompt(tokenizer: PreTrainedTokenizerBase, first: str, second: str) -> tuple[str, str]:
+def two_turn_prompt(
+    tokenizer: PreTrainedTokenizerBase, first: str, second: str, answer_prefix: str = ""
+) -> tuple[str, str]:
     """The text before the first answer and the text from its end to where the second answer
-    starts (the chat template's, or the ``Question:/Answer:`` fallback of ``chat_prompt``)."""
-    if tokenizer.chat_template:
-        messages = [
-            {"role": "user", "content": first},
-            {"role": "assistant", "content": _TURN_MARK},
-            {"role": "user", "content": second},
-        ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        text = f"{chat_prompt(tokenizer, first)}{_TURN_MARK}\n\n{chat_prompt(tokenizer, second)}"
+    starts, ``answer_prefix`` included (the chat template's turns, or a base model's two
+    completion turns with one BOS at the start, as ``chat_prompt`` frames one)."""
+    if not tokenizer.chat_template:
+        return chat_prompt(tokenizer, first), f"\n\n{completion_prompt(second, answer_prefix)}"
+    messages = [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": _TURN_MARK},
+        {"role": "user", "content": second},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     head, _, tail = text.partition(_TURN_MARK)
-    return head, tail
+    return head, tail + answer_prefix
 
 
 def count_lines(start: int, step: int, lines: int) -> list[str]:
@@ -177,10 +179,13 @@ class LongRecallRun(_LongRun):
         super().__init__(*args)
         sample = make_sample(self.tokenizer, "passkey", self.length, self.index, self.config.seed)
         head, between = two_turn_prompt(
-            self.tokenizer, f"{sample.context}\n\n{STRETCH_REQUEST}", sample.questions[0]
+            self.tokenizer,
+            f"{sample.context}\n\n{STRETCH_REQUEST}",
+            sample.questions[0],
+            sample.answer_prefix,
         )
         self.prompt = self.tokenizer.encode(head, add_special_tokens=False)
-        self.question = self.tokenizer.encode(between + sample.answer_prefix, add_special_tokens=False)
+        self.question = self.tokenizer.encode(between, add_special_tokens=False)
         self.answers = list(sample.answers[0])
         self.depth = sample.depth
         self.stretch: list[int] | None = None
@@ -218,9 +223,8 @@ class LongCountRun(_LongRun):
         given = 3
         question = f"Count upward from {self.start} in steps of {self.step}, one number per line."
         prefix = "".join(f"{line}\n" for line in count_lines(self.start, self.step, given))
-        self.prompt = self.tokenizer.encode(
-            chat_prompt(self.tokenizer, question) + prefix, add_special_tokens=False
-        )
+        prompt = chat_prompt(self.tokenizer, question, prefix)
+        self.prompt = self.tokenizer.encode(prompt, add_special_tokens=False)
         self.expected = self._due(given)
 
     def _due(self, given: int) -> list[str]:
