@@ -133,6 +133,7 @@ def test_run_json_reports_bytes_and_times(real_model, tmp_path):
     assert report["kv_dtype"] == "float32"
     assert report["recipe"] == "streaming@0.5"
     assert report["mode"] == "query-agnostic"
+    assert report["compressed_layers"] == list(range(report["layers"])) and report["layers"] == 30
     # half the context evicted; paged storage holds up to one partly filled block per head on top
     assert 0.40 < 1 - report["kv_bytes"] / report["kv_bytes_full"] < 0.5
 

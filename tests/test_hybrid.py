@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from kvsqueeze import CompressedCache, install
 from kvsqueeze.baseline import transformers_cache_bytes
 from kvsqueeze.compat import rope_inverse_frequencies
-from kvsqueeze.engine import prefill, prefill_context, split_prompt
+from kvsqueeze.engine import generate, prefill, prefill_context, split_prompt
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers.expected import ExpectedAttention
 
@@ -124,3 +124,11 @@ def test_full_holds_what_dynamic_cache_holds_up_to_block_slack(gemma):
     per_token = 2 * model.config.num_key_value_heads * model.config.head_dim * 4
     slack = ours.nbytes() - baseline
     assert 0 <= slack < len(ours.layers) * 2 * ours.block_size * per_token
+
+
+@pytest.mark.parametrize(("recipe", "compressed"), [("full", []), ("snapkv@0.5", [2]), ("kivi4", [2])])
+def test_results_name_the_layers_the_recipe_compressed(gemma, recipe, compressed):
+    model, tokenizer = gemma
+    result = generate(model, tokenizer, CONTEXT, "What is the pass key?", recipe, max_new_tokens=2)
+    assert result.layers == 4
+    assert result.compressed_layers == compressed  # the sliding layers keep their window as they are

@@ -438,6 +438,7 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
         "KV peak / end",
         "ratio",
         "tokens kept",
+        "layers compressed",
         "prefill s",
         "decode s",
     ]
@@ -456,12 +457,15 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
             _mib(r.kv_bytes_peak) + f" / {_mib(r.kv_bytes_end)}",
             f"{r.compression_ratio:.1%}",
             f"{r.tokens_kept}/{r.context_tokens + r.question_tokens}",
+            f"{len(r.compressed_layers)}/{r.layers}",
             f"{r.prefill_seconds:.2f}",
             f"{r.decode_seconds:.2f}",
         )
     table.caption = (
-        f"KV bytes held after prefill vs a full {results[0].kv_dtype} cache of the same tokens; "
-        "peak over the whole run and what is held after the last token"
+        f"KV bytes held after prefill vs transformers' DynamicCache ({results[0].kv_dtype}) for the same "
+        "tokens; peak over the whole run and what is held after the last token; tokens kept per "
+        "layer and head on average; layers the recipe compressed (the others hold what DynamicCache "
+        "holds: a sliding-window layer its window)"
     )
     return table
 

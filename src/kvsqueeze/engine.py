@@ -30,7 +30,10 @@ class GenerationResult:
     ``kv_bytes_16bit``/``kv_bytes_full_16bit`` count the model's KV at 16 bits (see
     ``CompressedCache.nbytes``), the reference the papers state ratios against.
     ``kv_bytes_peak`` is the largest ``nbytes()`` over the whole run (at the end of a forward,
-    before its compression) and ``kv_bytes_end`` what is held after the last token."""
+    before its compression) and ``kv_bytes_end`` what is held after the last token.
+    ``compressed_layers`` lists the layers the recipe compressed (evicted or quantized) out of
+    ``layers``; the others hold what transformers' default cache holds (a sliding-window layer
+    its last ``window - 1`` tokens, see ``CompressedCache(window_layers=...)``)."""
 
     answer: str
     recipe: str
@@ -38,6 +41,8 @@ class GenerationResult:
     context_tokens: int
     question_tokens: int
     tokens_kept: int
+    layers: int
+    compressed_layers: list[int]
     kv_bytes: int
     kv_bytes_full: int
     kv_bytes_16bit: int
@@ -87,8 +92,15 @@ def prefill_context(
 def footprint_of(cache: CompressedCache) -> dict:
     """What the cache holds now: the byte and token fields of ``GenerationResult``."""
     kv_bytes, kv_bytes_full = cache.nbytes(), cache.nbytes_full()
+    compressed = [
+        index
+        for index, layer in enumerate(cache.layers)
+        if (recipe := cache.recipe_for(layer)) is not None and not recipe.is_full
+    ]
     return dict(
         tokens_kept=cache.tokens_kept() // max(len(cache.layers) * cache.layers[0].held_lengths().numel(), 1),
+        layers=len(cache.layers),
+        compressed_layers=compressed,
         kv_bytes=kv_bytes,
         kv_bytes_full=kv_bytes_full,
         kv_bytes_16bit=cache.nbytes(torch.float16),
