@@ -7,9 +7,9 @@ several in one process.
 
 How a prompt is split (``kvsqueeze.serve.prompts``): the *context* tokens are prefilled in chunks
 and compressed by the recipe, the *prompt* tokens after them are kept whole. Chat and completions:
-everything but the last ``--protect-tail`` tokens of the last user message (or of the completion
-prompt) and what follows them is context; with ``context_id`` the stored document (placed at the
-start of the first user message) is the context.
+everything but the protected tail of the last user message (or of the completion prompt: its last
+paragraph if short, else its last ``--protect-tail`` tokens) and what follows it is context; with
+``context_id`` the stored document (placed at the start of the first user message) is the context.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from kvsqueeze.recipe import Recipe
 from kvsqueeze.serve.limits import RETRY_AFTER_SECONDS, AuthError, queue_full, scope_of
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prefix import PrefixCache
-from kvsqueeze.serve.prompts import DEFAULT_PROTECT_TAIL, DOCUMENT, Prompts
+from kvsqueeze.serve.prompts import DEFAULT_PROTECT_TAIL, Prompts
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
 from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
@@ -483,13 +483,7 @@ def create_app(server: Server) -> FastAPI:
                 "differ from those the context was created with",
                 param="messages",
             )
-        marked = [
-            *messages[:first],
-            {**messages[first], "content": DOCUMENT + "\n\n" + messages[first]["content"]},
-        ]
-        text = await server.off_loop(server.prompts.render, [*marked, *messages[first + 1 :]])
-        prompt_text = text[text.index(DOCUMENT) + len(DOCUMENT) :]
-        prompt = await server.off_loop(server.prompts.encode, prompt_text)
+        prompt = await server.off_loop(server.prompts.after_document, messages, first)
         prepared = Prepared(lookup.entry.meta["tokens"], prompt, 0, 0.0, 1.0, None, [])
         prepared.context_key = key
         if lookup.entry.tensors is None:  # corrupt everywhere: recompute from the manifest's tokens

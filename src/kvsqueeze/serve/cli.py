@@ -115,10 +115,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=count(0),
         default=DEFAULT_PROTECT_TAIL,
         metavar="N",
-        help="prompt tokens never compressed: the last N of the last user message (its question) "
-        "and the chat template's turn end and assistant header after them; everything before "
-        "them, a document pasted into the message included, is compressed and reused as a prefix "
-        f"(default {DEFAULT_PROTECT_TAIL}; with /v1/completions, the prompt's last N tokens)",
+        help="most prompt tokens never compressed at the end of the last user message: its last "
+        "paragraph (from its last blank line: the question after a document) if it has at most N "
+        "tokens, else its last N tokens; the chat template's turn end and assistant header after "
+        "them are never compressed either. Everything before, a document pasted into the message "
+        f"included, is compressed and reused as a prefix (default {DEFAULT_PROTECT_TAIL}; "
+        "/v1/completions prompts are cut the same way)",
     )
     parser.add_argument(
         "--store-ram",

@@ -45,6 +45,17 @@ class Prompts:
         text = self.render([*messages_before, {"role": "user", "content": DOCUMENT}])
         return text[: text.index(DOCUMENT)]
 
+    def after_document(self, messages: list[dict], first: int) -> list[int]:
+        """Prompt tokens of a chat whose document (a stored context) is placed at the start of
+        the user message ``messages[first]``: everything after the document."""
+        marked = [
+            *messages[:first],
+            {**messages[first], "content": DOCUMENT + "\n\n" + messages[first]["content"]},
+            *messages[first + 1 :],
+        ]
+        text = self.render(marked)
+        return self.encode(text[text.index(DOCUMENT) + len(DOCUMENT) :])
+
     def split(self, text: str, answer_start: int, message_start: int = 0) -> tuple[list[int], list[int]]:
         """(context, prompt) tokens of a whole prompt ``text`` whose last user text runs from
         character ``message_start`` to ``answer_start``: the prompt is that text's protected tail
