@@ -78,7 +78,7 @@ def paged_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int, element: 
     if quantizer is None:
         held = whole_blocks(kept, BLOCK)
         return held * (2 * head_dim * element + slot) + 8 * (held // BLOCK) + 8
-    group, dense_block = quantizer.group_size, dense_block_size(BLOCK, quantizer)
+    group, dense_block = quantizer.group_size, dense_block_size(BLOCK, [quantizer])
     quantized = max(kept - quantizer.residual, 0) // group * group
     dense = whole_blocks(kept - quantized, dense_block)
     total = dense * (2 * head_dim * 2 + slot) + 8 * (dense // dense_block) + 8

@@ -96,7 +96,7 @@ def test_mixed_under_chunked_prefill_keeps_slot_order_and_the_real_sinks(recipe)
 
 def test_short_blocks_are_quantized_on_their_own_tokens():
     keys, values = torch.randn(13, 8), torch.randn(13, 8)
-    tier = QuantizedTier(KIVI4(group_size=4), 1, 2, torch.device("cpu"))
+    tier = QuantizedTier(KIVI4(group_size=4), 1, 2, 8, torch.device("cpu"))
     tier.add({"keys": keys, "values": values}, torch.tensor([[5, 8]]))
     ids, _ = tier.block_ids()
     assert tier.pool.fields["fill"][ids].tolist() == [[[4, 1], [4, 4]]] and tier.blocks.tolist() == [[2, 2]]

@@ -200,7 +200,7 @@ def observe(
         last_row=last_row,
         new_slots=range(layer.seen - q_len, layer.seen),
     )
-    if recipe.scorer.statistics:
+    if recipe.evicts and recipe.scorer.statistics:
         valid = held.slots >= 0
         if last_row is not None:
             valid = valid & last_row[:, None, :].expand(-1, held.slots.shape[1], -1).gather(

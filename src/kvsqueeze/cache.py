@@ -185,7 +185,7 @@ class CompressedCache(Cache):
     def compresses(self, layer: PagedLayer, query_length: int) -> bool:
         """Whether a forward of ``query_length`` new tokens is compressed in ``layer``."""
         recipe = self.recipe_for(layer)
-        return query_length > 1 and self.compress_prefill and recipe is not None and recipe.evicts
+        return query_length > 1 and self.compress_prefill and recipe is not None and recipe.observes
 
     def first_visible(self, attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         """``kvsqueeze.kernels.decode.first_visible`` of a decode mask, computed once per mask

@@ -204,6 +204,12 @@ def compress(cache: CompressedCache) -> None:
     cache.observations = {}
     if recipe is None or not observed:
         return
+    if recipe.keys is not None and recipe.keys.needs_queries:
+        for index, observation in observed:
+            layer = cache.layers[index]
+            layer.set_head_state(recipe.keys.observe(observation.queries, layer.dense.count.shape[1]))
+    if not recipe.evicts:
+        return
     demotes = recipe.quantizer is not None and recipe.quantizer.demotes
     cache.count_context(new_context_tokens(cache, observed))
     rankings, views = [], []

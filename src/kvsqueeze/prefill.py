@@ -145,7 +145,7 @@ class ChunkedPrefill(PrefillStrategy):
         if recipe is None or not recipe.evicts:
             return prefill(model, cache, ids[:, start:], mask, chunk_size, report)
         self._set_units(cache, ids, mask)
-        with cache.settings(quantize_now=recipe.quantizer is None):
+        with cache.settings(quantize_now=not recipe.encodes_blocks):
             logits = prefill(model, cache, ids[:, start:], mask, chunk_size, report)
         cache.settle()
         return logits

@@ -5,7 +5,8 @@ the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:
 ``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``. Each component is
 ``name[:option=value,...]``; at most one scorer, one budget, one unit, one quantizer and one
 decoding component, which bounds the cache during generation and may follow the ratio:
-``kvzip+global@0.75+decode:scorer=tova,budget=256,every=32``.
+``kvzip+global@0.75+decode:scorer=tova,budget=256,every=32``; and one key reducer, which stores
+fewer numbers per key and composes with the rest: ``kvzip+global+think:channels=0.5+kivi4@0.75``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
 from kvsqueeze.decoding import DECODERS
 from kvsqueeze.decoding.base import DecodeCompressor
+from kvsqueeze.keys import KEY_REDUCERS
+from kvsqueeze.keys.base import KeyReducer, PlainBlocks, ReducedKeys
 from kvsqueeze.prefill import ChunkedPrefill, PrefillStrategy, ReconstructionPrefill
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.quantizers.base import Quantizer
@@ -40,7 +43,7 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS, **DECODERS}
+    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS, **DECODERS, **KEY_REDUCERS}
 
 
 def valid_names() -> list[str]:
@@ -61,6 +64,7 @@ class Recipe:
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     decoding : what bounds the cache while an answer is generated (None = every generated token
         is kept).
+    keys : what stores each encoded block's keys in fewer numbers (None = every channel).
     """
 
     scorer: Scorer | None = None
@@ -69,6 +73,7 @@ class Recipe:
     quantizer: Quantizer | None = None
     unit: Unit | None = None
     decoding: DecodeCompressor | None = None
+    keys: KeyReducer | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -89,18 +94,40 @@ class Recipe:
         return self.ratio > 0 or (self.budget is not None and self.budget.sets_own_counts)
 
     @property
+    def observes(self) -> bool:
+        """Whether a prefill forward records an ``Observation`` (to evict, or for a key reducer
+        that reads the queries)."""
+        return self.evicts or (self.keys is not None and self.keys.needs_queries)
+
+    @property
+    def encodes_blocks(self) -> bool:
+        """Whether older tokens are encoded into blocks (a quantizer or a key reducer)."""
+        return self.quantizer is not None or self.keys is not None
+
+    def block_codecs(self, key_dim: int) -> list[Quantizer]:
+        """The codecs of a layer's encoded tiers, in ``Quantizer.tiers`` order, for keys of
+        ``key_dim`` channels (none: every token stays in the 16-bit or model-dtype tier)."""
+        if not self.encodes_blocks:
+            return []
+        tiers = [PlainBlocks()] if self.quantizer is None else self.quantizer.tiers()
+        if self.keys is None:
+            return tiers
+        return [ReducedKeys(self.keys, codec, key_dim) for codec in tiers]
+
+    @property
     def reconstructs(self) -> bool:
         """Whether the context is compressed on a reconstruction pass (KVzip) after its prefill."""
         return self.evicts and self.scorer.reconstructs
 
     @property
     def is_full(self) -> bool:
-        return not self.evicts and self.quantizer is None and self.decoding is None
+        return not self.evicts and not self.encodes_blocks and self.decoding is None
 
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        parts = [c.spec() for c in (scorer, self.budget, self.unit, self.quantizer) if c is not None]
+        chosen = (scorer, self.budget, self.unit, self.keys, self.quantizer)
+        parts = [c.spec() for c in chosen if c is not None]
         text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
         if self.decoding is not None:
             text = "+".join(filter(None, (text, self.decoding.spec())))
@@ -133,6 +160,7 @@ class Recipe:
             quantizer=chosen.get("quantizer"),
             unit=chosen.get("unit"),
             decoding=chosen.get("decoding"),
+            keys=chosen.get("keys"),
         )
         decoder = recipe.decoding
         if recipe.scorer is not None and recipe.scorer.stateful and decoder is not None and decoder.stateful:
@@ -146,7 +174,7 @@ class Recipe:
 
     def observed_queries(self) -> int:
         """How many of a compressed forward's last queries the attention function must record."""
-        components = (self.scorer, self.budget)
+        components = (self.scorer, self.budget, self.keys)
         return max((c.observed_queries() for c in components if c is not None), default=0)
 
     def prefill_strategy(self, tokenizer: PreTrainedTokenizerBase | None = None) -> PrefillStrategy:

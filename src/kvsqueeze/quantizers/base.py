@@ -35,9 +35,17 @@ class Quantizer(Component):
         blocks age into last (one tier for all but ``mixed``)."""
         return [self]
 
-    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
-        """``keys``/``values`` ``[G, group_size, D]`` (one block of one head each) ->
-        ``(per_token, per_block)``: named tensors ``[G, group_size, ...]`` and ``[G, ...]``."""
+    def initial_head_state(self, batch: int, heads: int, key_dim: int, device) -> dict[str, torch.Tensor]:
+        """Per-head tensors ``[B, H, ...]`` the codec reads when it encodes (none for quantizers;
+        a key reducer's, e.g. ThinK's query magnitudes, through ``ReducedKeys``)."""
+        return {}
+
+    def encode_blocks(
+        self, keys: torch.Tensor, values: torch.Tensor, head_state: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict, dict]:
+        """``keys``/``values`` ``[G, group_size, D]`` (one block of one head each; ``head_state``
+        the per-head tensors of each block's head, ``[G, ...]``) -> ``(per_token, per_block)``:
+        named tensors ``[G, group_size, ...]`` and ``[G, ...]``."""
         raise NotImplementedError
 
     def decode_blocks(self, per_token: dict, per_block: dict) -> tuple[torch.Tensor, torch.Tensor]:

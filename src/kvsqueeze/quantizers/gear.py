@@ -45,7 +45,7 @@ class GEAR(KIVI):
     def _outlier_count(self, dim: int) -> int:
         return min(math.ceil(self.outliers * dim), dim) if self.outliers > 0 else 0
 
-    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor, head_state=None) -> tuple[dict, dict]:
         filtered, per_token, per_block = {}, {}, {}
         for name, x in (("key", keys.float()), ("value", values.float())):
             count = self._outlier_count(x.shape[-1])

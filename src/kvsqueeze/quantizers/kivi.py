@@ -50,7 +50,7 @@ class KIVI(Quantizer):
         size = self.value_group_size or self.group_size
         return size if dim % size == 0 else dim
 
-    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, dict]:
+    def encode_blocks(self, keys: torch.Tensor, values: torch.Tensor, head_state=None) -> tuple[dict, dict]:
         blocks, tokens, _ = keys.shape
         key_codes, key_scale, key_min = quantize(keys, self.bits, dim=1)
         value_group = self._value_groups(values.shape[-1])

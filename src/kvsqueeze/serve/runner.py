@@ -106,7 +106,8 @@ class Runner:
         self.entries_per_token = layers * kv_heads
         self.token_bytes = self.entry_bytes * self.entries_per_token
         # storage is paged: a head holds whole blocks, plus one table entry (int64) per block
-        self.block_tokens = dense_block_size(CompressedCache(recipe).block_size, recipe.quantizer)
+        codecs = recipe.block_codecs(head_dim)
+        self.block_tokens = dense_block_size(CompressedCache(recipe).block_size, codecs)
         self.block_bytes = self.entries_per_token * (self.block_tokens * self.entry_bytes + 8)
         self.scheduler = Scheduler(kv_memory, self.estimate, self.growth, max_running)
         self.cache: CompressedCache | None = None

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
     from kvsqueeze.recipe import Recipe
 
 
-def dense_block_size(block_size: int, quantizer: Quantizer | None) -> int:
-    """Tokens per block of a layer's 16-bit storage: the cache's ``block_size``, or with a
-    quantizer a divisor of its ``group_size`` (a group is encoded from whole blocks)."""
-    return block_size if quantizer is None else math.gcd(block_size, quantizer.group_size)
+def dense_block_size(block_size: int, codecs: list[Quantizer]) -> int:
+    """Tokens per block of a layer's 16-bit storage: the cache's ``block_size``, or with block
+    codecs (``Recipe.block_codecs``) a divisor of the group size full blocks age into (a group is
+    encoded from whole blocks)."""
+    return block_size if not codecs else math.gcd(block_size, codecs[-1].group_size)
 
 
 @dataclass
@@ -122,12 +123,11 @@ class PagedLayer(CacheLayerMixin):
         batch, heads, _, key_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         recipe = self.recipe
-        quantizer = None if recipe is None else recipe.quantizer
-        size = dense_block_size(self.cache.block_size, quantizer)
-        dtype = self.dtype if quantizer is None else RESIDUAL_DTYPE
+        codecs = [] if recipe is None else recipe.block_codecs(key_dim)
+        size = dense_block_size(self.cache.block_size, codecs)
+        dtype = self.dtype if not codecs else RESIDUAL_DTYPE
         self.dense = DenseTier(batch, heads, size, key_dim, value_states.shape[-1], dtype, self.device)
-        tiers = [] if quantizer is None else quantizer.tiers()
-        self.quantized = [QuantizedTier(q, batch, heads, self.device) for q in tiers]
+        self.quantized = [QuantizedTier(codec, batch, heads, key_dim, self.device) for codec in codecs]
         self.is_initialized = True
 
     # ---- feeding ------------------------------------------------------------------------------
@@ -263,6 +263,12 @@ class PagedLayer(CacheLayerMixin):
         )
 
     # ---- compressing --------------------------------------------------------------------------
+    def set_head_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Give the codecs of the encoded tiers what they read per head from now on (e.g.
+        ThinK's query magnitudes, ``[B, H, D]``)."""
+        for tier in self.quantized:
+            tier.head_state.update({name: t.detach().to(self.device) for name, t in state.items()})
+
     def _ensure_field(self, name: str) -> None:
         """Attach the carried per-token field ``name`` (``slots`` or ``scores``) to every tier."""
         dtype, fill = (torch.int32, -1) if name == "slots" else (torch.float32, 0)

@@ -310,7 +310,7 @@ class QuantizedTier(_Tier):
     """Blocks encoded by ``quantizer``: ``blocks[b, h]`` of them per head; each block keeps its
     ``fill`` tokens at its first positions."""
 
-    def __init__(self, quantizer: Quantizer, batch: int, heads: int, device):
+    def __init__(self, quantizer: Quantizer, batch: int, heads: int, key_dim: int, device):
         pool = BlockPool(quantizer.group_size, device)
         pool.add_field("fill", (), torch.long)
         super().__init__(pool, batch, heads)
@@ -319,12 +319,14 @@ class QuantizedTier(_Tier):
         self.widest = 0
         self.block_fields: list[str] = []
         """The quantizer's per-block fields (``[capacity, *F]``), e.g. per-channel key scales."""
+        self.head_state = quantizer.initial_head_state(batch, heads, key_dim, device)
+        """What the codec reads per head when it encodes (``Quantizer.initial_head_state``)."""
 
     def blocks_held(self) -> torch.Tensor:
         return self.blocks
 
     def per_head(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count, "blocks": self.blocks}
+        return {"count": self.count, "blocks": self.blocks, **self.head_state}
 
     def add(self, fields: dict[str, torch.Tensor], counts: torch.Tensor) -> None:
         """Encode ``counts[b, h]`` tokens per head into new blocks after each head's blocks.
@@ -341,8 +343,9 @@ class QuantizedTier(_Tier):
         sizes = torch.clamp(counts.flatten()[head] - nth * size, max=size)
         offset = torch.arange(size, device=counts.device)
         index = torch.where(offset < sizes[:, None], starts[:, None] + offset, starts[:, None])
+        head_state = {name: t.flatten(0, 1)[head] for name, t in self.head_state.items()}
         per_token, per_block = self.quantizer.encode_blocks(
-            fields["keys"][index].float(), fields["values"][index].float()
+            fields["keys"][index].float(), fields["values"][index].float(), head_state
         )
         ids = self.pool.allocate(index.shape[0])
         for name, t in per_block.items():
@@ -423,6 +426,7 @@ class QuantizedTier(_Tier):
         self.block_fields = [key.partition(".")[2] for key in exported if key.startswith("block.")]
         self.block_fields.remove("fill")
         self.blocks = exported["blocks"].clone()
+        self.head_state = {name: exported[name].clone() for name in self.head_state}
         self.widest = int(self.blocks.max()) if self.blocks.numel() else 0
 
 
