@@ -78,3 +78,20 @@ def test_passkey_query_agnostic_with_kvzip_reconstruction(real_model, recipe, re
     )
     assert contains_answer(result.answer, "92734"), result.answer
     assert result.kv_bytes_16bit < result.kv_bytes_full_16bit / reduction
+
+
+@pytest.mark.parametrize(("recipe", "reduction"), [("think+kivi4", 3.2), ("snapkv+think+kivi4@0.75", 7)])
+def test_passkey_with_thinned_keys(real_model, recipe, reduction):
+    """Half the key channels, chosen by ThinK's query-weighted norm, keep the pass key."""
+    model, tokenizer = real_model
+    result = generate(
+        model,
+        tokenizer,
+        passkey_context(30571, 0.5),
+        "What is the pass key?",
+        recipe,
+        query_aware=True,
+        max_new_tokens=12,
+    )
+    assert contains_answer(result.answer, "30571"), result.answer
+    assert result.kv_bytes_16bit < result.kv_bytes_full_16bit / reduction
