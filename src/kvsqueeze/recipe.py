@@ -2,9 +2,9 @@
 
 String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
-``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``. Each component is
-``name[:option=value,...]``; at most one scorer, one budget, one unit, one quantizer and one
-decoding component, which bounds the cache during generation and may follow the ratio:
+``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``, ``snapkv+d2o@0.5``. Each
+component is ``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge,
+one quantizer and one decoding component, which bounds the cache during generation and may follow the ratio:
 ``kvzip+global@0.75+decode:scorer=tova,budget=256,every=32``.
 """
 
@@ -24,6 +24,8 @@ from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
 from kvsqueeze.decoding import DECODERS
 from kvsqueeze.decoding.base import DecodeCompressor
+from kvsqueeze.mergers import MERGERS
+from kvsqueeze.mergers.base import Merger
 from kvsqueeze.prefill import ChunkedPrefill, PrefillStrategy, ReconstructionPrefill
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.quantizers.base import Quantizer
@@ -40,7 +42,7 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS, **DECODERS}
+    return {**SCORERS, **BUDGETS, **UNITS, **MERGERS, **QUANTIZERS, **DECODERS}
 
 
 def valid_names() -> list[str]:
@@ -58,6 +60,7 @@ class Recipe:
         question in query-aware mode) are kept on top of the budget.
     budget : how the kept tokens are shared across layers and heads (None = uniform).
     unit : groups of tokens kept or dropped together, e.g. whole words (None = single tokens).
+    merge : folds what the scorer evicts into the kept tokens (None = evicted tokens are lost).
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     decoding : what bounds the cache while an answer is generated (None = every generated token
         is kept).
@@ -69,6 +72,7 @@ class Recipe:
     quantizer: Quantizer | None = None
     unit: Unit | None = None
     decoding: DecodeCompressor | None = None
+    merge: Merger | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -80,6 +84,14 @@ class Recipe:
         if self.unit is not None and self.scorer is None:
             name = self.unit.name
             raise RecipeError(f"{name} groups what a scorer keeps; add a scorer, e.g. kvzip+{name}@0.75")
+        if self.merge is not None and self.scorer is None:
+            name = self.merge.name
+            raise RecipeError(f"{name} merges what a scorer evicts; add a scorer, e.g. snapkv+{name}@0.5")
+        if self.merge is not None and self.quantizer is not None and self.quantizer.demotes:
+            raise RecipeError(
+                f"{self.quantizer.name} keeps what the scorer evicts in low bits: there is nothing "
+                f"left for {self.merge.name} to merge; use one of them"
+            )
 
     @property
     def evicts(self) -> bool:
@@ -100,7 +112,8 @@ class Recipe:
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        parts = [c.spec() for c in (scorer, self.budget, self.unit, self.quantizer) if c is not None]
+        named = (scorer, self.budget, self.unit, self.merge, self.quantizer)
+        parts = [c.spec() for c in named if c is not None]
         text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
         if self.decoding is not None:
             text = "+".join(filter(None, (text, self.decoding.spec())))
@@ -133,6 +146,7 @@ class Recipe:
             quantizer=chosen.get("quantizer"),
             unit=chosen.get("unit"),
             decoding=chosen.get("decoding"),
+            merge=chosen.get("merge"),
         )
         decoder = recipe.decoding
         if recipe.scorer is not None and recipe.scorer.stateful and decoder is not None and decoder.stateful:
