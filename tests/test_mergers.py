@@ -170,7 +170,7 @@ def test_ratio_zero_with_a_merge_is_the_full_cache(merge):
 
 @pytest.mark.parametrize(
     "text",
-    ["snapkv+d2o@0.5", "snapkv:window=8+kvmerger:threshold=0.5@0.75", "kvzip+global+words+d2o+kivi2@0.8"],
+    ["snapkv+d2o@0.5", "snapkv:window=8+kvmerger:threshold=0.7@0.75", "kvzip+global+words+d2o+kivi2@0.8"],
 )
 def test_recipes_with_a_merge_print_as_they_parse(text):
     recipe = Recipe.parse(text)
