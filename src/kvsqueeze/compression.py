@@ -6,8 +6,8 @@ components ask for (``Observation``: the last queries, attention statistics over
 When the forward ends, ``compress`` scores every layer from its held tokens and its observation,
 lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
 ``Recipe.select``), merges what is dropped into kept tokens if the recipe merges, and keeps the
-selected tokens. Layers are scored one at a time: only their
-rankings stay in memory until the budget has seen every layer.
+selected tokens. Layers are scored one at a time: only their rankings (and, with a merge, their
+views) stay in memory until the budget has seen every layer.
 
 During decoding, a recipe's decoding component bounds the cache: the attention function keeps
 each layer's latest decode queries (``RecentQueries``) and every ``every`` steps
