@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from test_cache import run
-from tiny_models import padded_batch, tiny_model
+from tiny_models import ARCHITECTURES, padded_batch, tiny_model
 
 from kvsqueeze.attention import install
 from kvsqueeze.budgets.base import LayerRanking
@@ -157,6 +157,33 @@ def test_quantized_tokens_are_never_merged_into_nor_re_encoded():
         layer.rewrite(view, view.keys, view.values, held & ~view.in_dense)
     layer.keep(view, keep)
     layer.validate()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("merge", ["d2o", "kvmerger:threshold=0"])
+def test_merges_hold_the_bytes_of_plain_eviction_on_every_architecture(arch, merge):
+    """Sliding-window and hybrid layers too: the layers stay consistent."""
+    model = install(tiny_model(arch))
+    evicting, _ = prefilled("snapkv:window=4@0.5", model)
+    merging, logits = prefilled(f"snapkv:window=4+{merge}@0.5", model)
+    for layer in merging.layers:
+        layer.validate()
+    assert merging.nbytes() == evicting.nbytes() and bool(torch.isfinite(logits).all())
+
+
+def test_tokens_the_last_query_cannot_see_are_not_merged():
+    model = install(tiny_model("llama"))
+    cache, _ = prefilled("snapkv+kvmerger:threshold=-1@0.5", model)  # one run per head: all merge
+    layer = cache.layers[0]
+    view = layer.view()
+    held = view.slots >= 0
+    keep = held & (view.slots % 2 == 1)
+    merged = []
+    for visible in (keep, held):  # the dropped tokens outside, then inside the last query's view
+        ranking = LayerRanking(0, view.slots.float(), visible, ~held, keep.sum(-1), None)
+        merge_dropped(layer, view, ranking, keep, cache.recipe.merge)
+        merged.append(not torch.equal(layer.view().values, view.values))
+    assert merged == [False, True]
 
 
 @pytest.mark.parametrize("merge", ["d2o", "kvmerger"])
