@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.cli import main
 from kvsqueeze.embedded import EMBEDDED_MODELS
+from kvsqueeze.mergers import MERGERS
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, split_recipes
 from kvsqueeze.scorers import SCORERS
@@ -28,7 +29,7 @@ def kvsqueeze(*args: str) -> subprocess.CompletedProcess:
 def test_methods_lists_every_scorer_with_its_paper(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name, scorer_cls in {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS}.items():
+    for name, scorer_cls in {**SCORERS, **BUDGETS, **UNITS, **MERGERS, **QUANTIZERS}.items():
         assert name in out
         assert scorer_cls.citation.split(".")[0] in out  # "Authors et al., year"
     assert "window=32 (>= 1), kernel_size=7 (odd and >= 1)" in out

@@ -90,7 +90,10 @@ def test_pruned_channels_are_bytes_not_held():
     assert whole.nbytes() - half.nbytes() == blocks * dropped * (tier.block_size * 2 + 1)
 
 
-@pytest.mark.parametrize("text", ["snapkv+think+kivi4@0.5", "snapkv+lowrank:rank=4+kivi4@0.5", "think+mixed"])
+@pytest.mark.parametrize(
+    "text",
+    ["snapkv+think+kivi4@0.5", "snapkv+lowrank:rank=4+kivi4@0.5", "think+mixed", "snapkv+d2o+think@0.5"],
+)
 def test_key_reducers_compose_with_eviction_and_quantization(text):
     cache, _ = think_cache(text, length=600, chunk_size=128)
     without = text.replace("+think", "").replace("+lowrank:rank=4", "").replace("think+", "")

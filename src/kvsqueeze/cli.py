@@ -472,7 +472,8 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
 
 def methods_table() -> Table:
     table = Table(
-        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+keys][+quantizer]@ratio[+decoding], "
+        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+merge][+keys][+quantizer]@ratio"
+        "[+decoding], "
         "each name[:option=value,...])"
     )
     for name in ("kind", "name", "paper", "options"):

@@ -5,12 +5,14 @@ attention as usual; the attention function only records, per layer, what the rec
 components ask for (``Observation``: the last queries, attention statistics over every query).
 When the forward ends, ``compress`` scores every layer from its held tokens and its observation,
 lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
-``Recipe.select``), and keeps the selected tokens. Layers are scored one at a time: only their
-rankings stay in memory until the budget has seen every layer.
+``Recipe.select``), merges what is dropped into kept tokens if the recipe merges, and keeps the
+selected tokens. Layers are scored one at a time: only their rankings (and, with a merge, their
+views) stay in memory until the budget has seen every layer.
 
 During decoding, a recipe's decoding component bounds the cache: the attention function keeps
 each layer's latest decode queries (``RecentQueries``) and every ``every`` steps
-``compress_decoded`` keeps, per head, the component's ``target`` best held tokens.
+``compress_decoded`` keeps, per head, the component's ``target`` best held tokens (without
+merging: a recipe's merge applies to the compression of prefill forwards only).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from kvsqueeze.scorers.base import ScoringInputs
 from kvsqueeze.selection import keep_mask
 
 if TYPE_CHECKING:
+    from kvsqueeze.budgets.base import LayerRanking
     from kvsqueeze.cache import CompressedCache
+    from kvsqueeze.mergers.base import Merger
     from kvsqueeze.storage.layer import LayerView, PagedLayer
 
 
@@ -223,10 +227,29 @@ def compress(cache: CompressedCache) -> None:
         if demotes:  # quantized tokens were demoted or kept once: never decided again
             protected = protected | (inputs.valid & ~view.in_dense)
         rankings.append(recipe.rank(inputs, cache.context_tokens, protected, cache.budget_state))
-        views.append(view.release())
+        # a merge reads the layer's keys/values once select has decided (every layer's then stay
+        # in memory until the budget has seen them all); without one they are freed right away
+        views.append(view if recipe.merge is not None else view.release())
     for view, ranking, keep in zip(views, rankings, recipe.select(rankings, cache.budget_state), strict=True):
         layer = cache.layers[ranking.layer_idx]
+        if recipe.merge is not None:
+            merge_dropped(layer, view, ranking, keep, recipe.merge)
         layer.keep(view, keep, ranking.scorer_state, demote=ranking.valid if demotes else None)
+
+
+def merge_dropped(
+    layer: PagedLayer, view: LayerView, ranking: LayerRanking, keep: torch.Tensor, merge: Merger
+) -> None:
+    """Fold what ``keep [B, Hkv, L]`` drops into kept tokens with ``merge`` and write the merged
+    keys/values into ``layer``'s storage (before ``keep`` drops the rest). Only kept tokens still
+    in 16-bit storage absorb others: a quantized token is never re-encoded. Tokens the last query
+    cannot see (outside a sliding window) are not merged into what it can."""
+    dropped = ranking.valid & (view.slots >= 0) & ~keep
+    into = keep & view.in_dense
+    if not bool(dropped.any()):
+        return
+    keys, values, absorbed = merge.merge(view.keys, view.values, keep, dropped, into, ranking.ranking)
+    layer.rewrite(view, keys, values, absorbed)
 
 
 def compress_decoded(cache: CompressedCache) -> None:

@@ -2,11 +2,11 @@
 
 String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
-``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``. Each component is
-``name[:option=value,...]``; at most one scorer, one budget, one unit, one quantizer and one
-decoding component, which bounds the cache during generation and may follow the ratio:
-``kvzip+global@0.75+decode:scorer=tova,budget=256,every=32``; and one key reducer, which stores
-fewer numbers per key and composes with the rest: ``kvzip+global+think:channels=0.5+kivi4@0.75``.
+``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``, ``snapkv+d2o@0.5``. Each
+component is ``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge,
+one key reducer (fewer numbers stored per key), one quantizer and one decoding component, which
+bounds the cache during generation and may follow the ratio:
+``kvzip+global+think:channels=0.5+kivi4@0.75+decode:scorer=tova,budget=256,every=32``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from kvsqueeze.decoding import DECODERS
 from kvsqueeze.decoding.base import DecodeCompressor
 from kvsqueeze.keys import KEY_REDUCERS
 from kvsqueeze.keys.base import KeyReducer, PlainBlocks, ReducedKeys
+from kvsqueeze.mergers import MERGERS
+from kvsqueeze.mergers.base import Merger
 from kvsqueeze.prefill import ChunkedPrefill, PrefillStrategy, ReconstructionPrefill
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.quantizers.base import Quantizer
@@ -43,7 +45,7 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **UNITS, **QUANTIZERS, **DECODERS, **KEY_REDUCERS}
+    return {**SCORERS, **BUDGETS, **UNITS, **MERGERS, **KEY_REDUCERS, **QUANTIZERS, **DECODERS}
 
 
 def valid_names() -> list[str]:
@@ -61,6 +63,7 @@ class Recipe:
         question in query-aware mode) are kept on top of the budget.
     budget : how the kept tokens are shared across layers and heads (None = uniform).
     unit : groups of tokens kept or dropped together, e.g. whole words (None = single tokens).
+    merge : folds what the scorer evicts into the kept tokens (None = evicted tokens are lost).
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     decoding : what bounds the cache while an answer is generated (None = every generated token
         is kept).
@@ -73,6 +76,7 @@ class Recipe:
     quantizer: Quantizer | None = None
     unit: Unit | None = None
     decoding: DecodeCompressor | None = None
+    merge: Merger | None = None
     keys: KeyReducer | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +89,14 @@ class Recipe:
         if self.unit is not None and self.scorer is None:
             name = self.unit.name
             raise RecipeError(f"{name} groups what a scorer keeps; add a scorer, e.g. kvzip+{name}@0.75")
+        if self.merge is not None and self.scorer is None:
+            name = self.merge.name
+            raise RecipeError(f"{name} merges what a scorer evicts; add a scorer, e.g. snapkv+{name}@0.5")
+        if self.merge is not None and self.quantizer is not None and self.quantizer.demotes:
+            raise RecipeError(
+                f"{self.quantizer.name} keeps what the scorer evicts in low bits: there is nothing "
+                f"left for {self.merge.name} to merge; use one of them"
+            )
 
     @property
     def evicts(self) -> bool:
@@ -126,8 +138,8 @@ class Recipe:
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        chosen = (scorer, self.budget, self.unit, self.keys, self.quantizer)
-        parts = [c.spec() for c in chosen if c is not None]
+        named = (scorer, self.budget, self.unit, self.merge, self.keys, self.quantizer)
+        parts = [c.spec() for c in named if c is not None]
         text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
         if self.decoding is not None:
             text = "+".join(filter(None, (text, self.decoding.spec())))
@@ -160,6 +172,7 @@ class Recipe:
             quantizer=chosen.get("quantizer"),
             unit=chosen.get("unit"),
             decoding=chosen.get("decoding"),
+            merge=chosen.get("merge"),
             keys=chosen.get("keys"),
         )
         decoder = recipe.decoding

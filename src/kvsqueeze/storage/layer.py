@@ -338,6 +338,24 @@ class PagedLayer(CacheLayerMixin):
         for tier in self.tiers:
             tier.release_slack()
 
+    def rewrite(
+        self, view: LayerView, keys: torch.Tensor, values: torch.Tensor, entries: torch.Tensor
+    ) -> None:
+        """Overwrite the stored key and value of the view entries ``entries [B, H, L]`` with
+        ``keys``/``values`` ``[B, H, L, D]`` (view order), in the dense tier's dtype (a merge). The
+        entries must be in 16-bit storage (``view.in_dense``): quantized blocks are never
+        re-encoded. Call it before ``keep``, which moves entries."""
+        if not bool(entries.any()):
+            return
+        if bool((entries & ~view.in_dense).any()):
+            raise ValueError(
+                "only tokens in 16-bit storage can be rewritten; quantized ones are encoded once"
+            )
+        quantized_entries = sum(held.shape[-1] for held in self._held_masks()[:-1])
+        positions = self.dense.positions().gather(2, (view.source - quantized_entries).clamp(min=0))
+        self.dense.write("keys", positions[entries], keys[entries])
+        self.dense.write("values", positions[entries], values[entries])
+
     def _scatter_entries(self, view: LayerView, values: torch.Tensor) -> torch.Tensor:
         """A view-order tensor ``[B, H, L]`` laid out over the concatenated tier entries ``[B, H, E]``
         (entries the view does not show get zeros / False)."""
