@@ -57,6 +57,7 @@ def test_every_command_has_help(command, capsys):
         (["--recipe", "snapkv:window=-3@0.5"], "snapkv:window must be >= 1, got -3"),
         (["--context-file", "/no/such/file.txt"], "cannot read --context-file"),
         (["--chunk-size", "0"], "--chunk-size must be a positive"),
+        (["--stop", ""], "a stop string must not be empty"),
     ],
 )
 def test_bad_input_gives_clear_error(args, message, capsys):

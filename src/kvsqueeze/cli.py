@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "not part of the printed answer). A model without a chat template (a base model such as "
         "gemma3-270m) is prompted with the context, the question, then 'Answer:' and this prefix",
     )
+    run.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end the answer at the first TEXT (repeatable; not part of the answer), e.g. "
+        "--stop $'\\n' for a base model that goes on after its answer",
+    )
     run.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     run.add_argument(
         "--query-aware",
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     recipe = Recipe.parse(args.recipe)
+    if "" in args.stop:
+        raise UsageError("--stop: a stop string must not be empty (it would end every answer at once)")
     context = _read_context(args)
     options = _generation_kwargs(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -289,6 +299,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         recipe,
         query_aware=args.query_aware,
         answer_prefix=args.answer_prefix,
+        stop=args.stop,
         **options,
     )
     if args.json:

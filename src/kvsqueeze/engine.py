@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,8 +117,21 @@ def end_bytes_of(cache: CompressedCache) -> dict:
     return dict(kv_bytes_peak=max(cache.nbytes_peak, end), kv_bytes_end=end)
 
 
-def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int]) -> str:
-    return tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True).strip()
+def answer_text(
+    tokenizer: PreTrainedTokenizerBase, tokens: list[int], eos: set[int], stop: Sequence[str] = ()
+) -> str:
+    """The answer ``tokens`` as text, without eos tokens and cut before the first ``stop`` string."""
+    text = tokenizer.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+    for marker in stop:
+        text = text.split(marker, 1)[0]
+    return text.strip()
+
+
+def stop_check(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """A test of a row's answer tokens: True once their text holds one of ``stop`` (None if empty)."""
+    if not stop:
+        return None
+    return lambda tokens: any(marker in tokenizer.decode(tokens, skip_special_tokens=True) for marker in stop)
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -138,8 +152,10 @@ def decode(
     max_new_tokens: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    stopped: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
-    """Greedy (or sampled, ``temperature > 0``) decoding until every row hit eos or the limit."""
+    """Greedy (or sampled, ``temperature > 0``) decoding until every row hit eos, ``stopped``
+    said its tokens are a whole answer (``stop_check``), or the limit."""
     batch = logits.shape[0]
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
@@ -154,6 +170,7 @@ def decode(
         for row in range(batch):
             if not done[row]:
                 outputs[row].append(int(tokens[row]))
+                done[row] = stopped is not None and stopped(outputs[row])
         done |= torch.isin(tokens.cpu(), eos)
         if bool(done.all()):
             break
@@ -252,11 +269,14 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     answer_prefix: str = "",
+    stop: Sequence[str] = (),
 ) -> GenerationResult:
     """Answer ``question`` about ``context`` with the KV cache compressed by ``recipe``.
 
     ``answer_prefix`` is the start of the answer the model continues (``chat_prompt``; RULER's
-    convention, e.g. ``"The pass key is"``); it is not part of the returned answer.
+    convention, e.g. ``"The pass key is"``); it is not part of the returned answer. Decoding
+    ends at the first of the ``stop`` strings (e.g. ``"\n"`` for a base model that goes on after
+    its answer), which the answer does not include.
     """
     return generate_batch(
         model,
@@ -269,6 +289,7 @@ def generate(
         temperature,
         seed,
         answer_prefix,
+        stop,
     )[0]
 
 
@@ -283,6 +304,7 @@ def generate_batch(
     temperature: float = 0.0,
     seed: int = 0,
     answer_prefix: str = "",
+    stop: Sequence[str] = (),
 ) -> list[GenerationResult]:
     """Batched ``generate``: contexts left-padded to one length, then questions left-padded.
 
@@ -316,12 +338,13 @@ def generate_batch(
     eos = eos_ids(model, tokenizer)
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
-    outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator)
+    stopped = stop_check(tokenizer, stop)
+    outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator, stopped)
     decode_seconds = time.perf_counter() - start
     end_bytes = end_bytes_of(cache)
     return [
         GenerationResult(
-            answer=answer_text(tokenizer, tokens, eos),
+            answer=answer_text(tokenizer, tokens, eos, stop),
             recipe=str(recipe),
             mode="query-aware" if query_aware else "query-agnostic",
             context_tokens=len(context_row),
