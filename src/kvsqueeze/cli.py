@@ -502,28 +502,29 @@ def methods_table() -> Table:
 
 def models_table(infos: list) -> Table:
     table = Table(title="embedded models (--model NAME)")
-    for name in ("model", "architecture", "layers sliding/full", "window", "KV B/token", "status", "license"):
+    columns = ("model", "architecture", "layers sliding/full", "window", "KV B/token", "past the window")
+    for name in (*columns, "status", "license"):
         table.add_column(name)
     for info in infos:
         if info.converted:
             layers = f"{info.layers} ({info.sliding_layers}/{info.full_layers})"
-            per_token = f"{info.kv_bytes_per_token:,}"
+            past = "same"
             if info.sliding_layers:
-                per_token += (
-                    f"; beyond the window {info.kv_bytes_per_token_beyond_window:,}"
-                    f" + {_mib(info.kv_bytes_sliding_held)}"
-                )
-            shape = [info.architecture, layers, str(info.window or "-"), per_token]
+                beyond = info.kv_bytes_per_token_beyond_window
+                past = f"{beyond:,} B/token + {_mib(info.kv_bytes_sliding_held)}"
+            per_token = f"{info.kv_bytes_per_token:,}"
+            shape = [info.architecture, layers, str(info.window or "-"), per_token, past]
         else:
-            shape = ["?", "?", "?", "? (known once converted)"]
+            shape = ["?", "?", "?", "? (known once converted)", "?"]
         if not info.installed:
             status = "[red]not installed[/] (see below)"
         else:
             status = "converted" if info.converted else "installed, converted on first use"
         table.add_row(info.name, *shape, status, info.license_file or "-")
     table.caption = (
-        f"KV bytes per token as transformers' DynamicCache holds them ({infos[0].kv_dtype}); beyond "
-        "the window: per token on the full-attention layers + what the sliding layers hold"
+        f"KV bytes per token as transformers' DynamicCache holds them ({infos[0].kv_dtype}). Past the "
+        "window, each sliding layer holds a fixed window: a token then costs its full-attention "
+        "layers' bytes, plus the windows' fixed bytes"
     )
     return table
 
