@@ -18,10 +18,12 @@ def test_answer_is_cut_before_the_first_stop_string(tokenizer):
 
 
 def test_stop_check_reads_the_text_of_the_answer_so_far(tokenizer):
-    stopped = stop_check(tokenizer, ["key is 4"])
-    assert not stopped(tokenizer.encode("The pass key", add_special_tokens=False))
-    assert stopped(tokenizer.encode("The pass key is 42", add_special_tokens=False))
-    assert stop_check(tokenizer, []) is None
+    stopped = stop_check(tokenizer, set(), ["key is 4"], batch=1)
+    head = tokenizer.encode("The pass key", add_special_tokens=False)
+    rest = tokenizer.encode("The pass key is 42", add_special_tokens=False)[len(head) :]
+    assert not any([stopped(0, token) for token in head])
+    assert [stopped(0, token) for token in rest][-1]
+    assert stop_check(tokenizer, set(), [], batch=1) is None
 
 
 def answers(stopped=None) -> list[list[int]]:
@@ -36,5 +38,11 @@ def answers(stopped=None) -> list[list[int]]:
 def test_decoding_ends_a_row_once_it_is_stopped_and_lets_the_others_go_on():
     free = answers()
     assert free[0][:3] != free[1][:3]
-    stopped = answers(stopped=lambda tokens: tokens == free[0][:3])
+    seen: list[list[int]] = [[], []]
+
+    def stop_row_0_after_3(row: int, token: int) -> bool:
+        seen[row].append(token)
+        return seen[row] == free[0][:3]
+
+    stopped = answers(stopped=stop_row_0_after_3)
     assert stopped == [free[0][:3], free[1]]

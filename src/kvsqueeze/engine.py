@@ -23,6 +23,7 @@ from kvsqueeze.cache import CompressedCache
 from kvsqueeze.models import chat_prompt, max_context_length
 from kvsqueeze.prefill import ContextTooLongError, left_pad, positions_from_mask, prefill
 from kvsqueeze.recipe import Recipe
+from kvsqueeze.serve.text import TextStream
 
 
 @dataclass
@@ -127,11 +128,20 @@ def answer_text(
     return text.strip()
 
 
-def stop_check(tokenizer: PreTrainedTokenizerBase, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
-    """A test of a row's answer tokens: True once their text holds one of ``stop`` (None if empty)."""
+def stop_check(
+    tokenizer: PreTrainedTokenizerBase, eos: set[int], stop: Sequence[str], batch: int
+) -> Callable[[int, int], bool] | None:
+    """``stopped(row, token)``: True once row ``row``'s answer text holds one of ``stop`` (None
+    if there is none), detokenized incrementally per row (``TextStream``)."""
     if not stop:
         return None
-    return lambda tokens: any(marker in tokenizer.decode(tokens, skip_special_tokens=True) for marker in stop)
+    streams = [TextStream(tokenizer, frozenset(eos), list(stop)) for _ in range(batch)]
+
+    def stopped(row: int, token: int) -> bool:
+        streams[row].push(token)
+        return streams[row].stopped
+
+    return stopped
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -152,10 +162,10 @@ def decode(
     max_new_tokens: int,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
-    stopped: Callable[[list[int]], bool] | None = None,
+    stopped: Callable[[int, int], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy (or sampled, ``temperature > 0``) decoding until every row hit eos, ``stopped``
-    said its tokens are a whole answer (``stop_check``), or the limit."""
+    (called with each row's new token, ``stop_check``) ended it, or the limit."""
     batch = logits.shape[0]
     outputs: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
@@ -170,7 +180,7 @@ def decode(
         for row in range(batch):
             if not done[row]:
                 outputs[row].append(int(tokens[row]))
-                done[row] = stopped is not None and stopped(outputs[row])
+                done[row] = stopped is not None and stopped(row, int(tokens[row]))
         done |= torch.isin(tokens.cpu(), eos)
         if bool(done.all()):
             break
@@ -338,7 +348,7 @@ def generate_batch(
     eos = eos_ids(model, tokenizer)
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
-    stopped = stop_check(tokenizer, stop)
+    stopped = stop_check(tokenizer, eos, stop, len(pairs))
     outputs = decode(model, cache, logits, mask, eos, max_new_tokens, temperature, generator, stopped)
     decode_seconds = time.perf_counter() - start
     end_bytes = end_bytes_of(cache)
