@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +37,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvsqueeze.argtypes import count
 from kvsqueeze.budgets.head_profile import HeadProfile, profile_key, user_profile_path
+from kvsqueeze.calibrate_kvzip import calibrate_kvzip
 from kvsqueeze.models import DEFAULT_MODEL, chat_prompt, load_model
+from kvsqueeze.scorers.predictor import user_predictor_path
 
 __all__ = [
     "HeadProfile",
@@ -233,14 +236,19 @@ def calibrate(
 
 
 def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
-    """Add ``calibrate`` to a CLI's subparsers (``kvsqueeze calibrate --model M``)."""
+    """Add ``calibrate`` to a CLI's subparsers (``kvsqueeze calibrate --model M [--target kvzip]``)."""
     parser = subparsers.add_parser(
         "calibrate",
-        help="find a model's retrieval heads (the head profile the `duo` budget needs)",
-        description="Run a seeded passkey probe on MODEL and score every KV head by the attention "
-        "its answer puts on the key in the context (RazorAttention-style, no training). Saves the "
-        "head profile as JSON under $KVSQUEEZE_HOME/profiles/ (or --out), where `duo` recipes "
-        "find it.",
+        help="fit what a recipe needs from a model: the `duo` head profile, or the `kvzap` scorer",
+        description="--target duo (default): run a seeded passkey probe on MODEL and score every KV "
+        "head by the attention its answer puts on the key in the context (RazorAttention-style, no "
+        "training); saves the head profile as JSON under $KVSQUEEZE_HOME/profiles/ (or --out), where "
+        "`duo` recipes find it. --target kvzip: run KVzip's reconstruction pass on --texts texts of "
+        "CPython's reference prose (kvsqueeze.eval.text.prose_paragraphs; no eval task text), record "
+        "each layer's keys/values and KVzip's scores, and fit per (layer, KV head) a ridge regression "
+        "from key/value features to the log of KVzip's score; the last --held-out texts measure the "
+        "fit (R^2, rank correlation). Saves it as JSON under $KVSQUEEZE_HOME/kvzap/ (or --out), where "
+        "`kvzap` recipes find it.",
     )
     parser.add_argument(
         "--model",
@@ -248,30 +256,82 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
         help=f"HF model id or local path (default: {DEFAULT_MODEL}, the embedded SmolLM2-135M-Instruct)",
     )
     parser.add_argument(
-        "--samples", type=count(1), default=16, metavar="N", help="probe prompts (default 16)"
+        "--target",
+        choices=("duo", "kvzip"),
+        default="duo",
+        help="duo: the head profile of the `duo` budget (default); kvzip: the `kvzap` scorer, fitted "
+        "to KVzip's scores",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the probe prompts (default 0)")
     parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the probe prompts / text order (default 0)"
+    )
+    duo = parser.add_argument_group("--target duo")
+    duo.add_argument("--samples", type=count(1), default=16, metavar="N", help="probe prompts (default 16)")
+    duo.add_argument(
         "--context-tokens",
         type=count(1),
         default=768,
         metavar="N",
         help="filler tokens around the key in each prompt (default 768)",
     )
+    kvzip = parser.add_argument_group("--target kvzip")
+    kvzip.add_argument(
+        "--texts",
+        type=count(2),
+        default=24,
+        metavar="N",
+        help="calibration texts, held-out ones included (default 24)",
+    )
+    kvzip.add_argument(
+        "--held-out",
+        type=count(1),
+        default=4,
+        metavar="N",
+        help="texts kept apart to measure the fit (default 4)",
+    )
+    kvzip.add_argument(
+        "--text-tokens",
+        type=count(16),
+        default=512,
+        metavar="N",
+        help="tokens per text, at least (default 512)",
+    )
+    kvzip.add_argument(
+        "--ridge",
+        type=float,
+        default=1.0,
+        metavar="ALPHA",
+        help="ridge penalty on standardised features (default 1)",
+    )
     parser.add_argument(
-        "--out", type=Path, metavar="FILE", help="where to write the profile (default: the user profile path)"
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="where to write the result (default: the user path named above)",
     )
     parser.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     return parser
 
 
-def run_calibrate(args: argparse.Namespace, console: Console | None = None) -> int:
-    """Calibrate ``args.model``, save its profile, print the best heads. Returns the exit status."""
-    console = console or Console()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+def _progress(console: Console) -> Progress:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console, transient=True)
+
+
+def run_calibrate(args: argparse.Namespace, console: Console | None = None) -> int:
+    """Calibrate ``args.model`` for ``args.target``, save the result, print a summary. Returns
+    the exit status."""
+    console = console or Console()
+    if args.target == "kvzip" and args.held_out >= args.texts:
+        print(
+            f"error: --held-out ({args.held_out}) must be fewer than --texts ({args.texts})", file=sys.stderr
+        )
+        return 2
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.target == "kvzip":
+        return _run_kvzip(args, model, tokenizer, console)
     start = time.perf_counter()
-    with Progress(*columns, console=console, transient=True) as progress:
+    with _progress(console) as progress:
         task = progress.add_task("probing heads", total=args.samples)
         profile = calibrate(
             model,
@@ -291,4 +351,37 @@ def run_calibrate(args: argparse.Namespace, console: Console | None = None) -> i
         table.add_row(str(rank), str(layer), str(head), f"{score:.3f}", "*" if chosen[layer, head] else "")
     console.print(table)
     console.print(f"{args.samples} samples in {seconds:.1f} s; profile written to {path}")
+    return 0
+
+
+def _run_kvzip(args: argparse.Namespace, model, tokenizer, console: Console) -> int:
+    start = time.perf_counter()
+    with _progress(console) as progress:
+        task = progress.add_task("KVzip passes", total=args.texts)
+        predictor = calibrate_kvzip(
+            model,
+            tokenizer,
+            texts=args.texts,
+            held_out=args.held_out,
+            text_tokens=args.text_tokens,
+            seed=args.seed,
+            alpha=args.ridge,
+            on_text=lambda: progress.advance(task),
+        )
+    seconds = time.perf_counter() - start
+    path = predictor.save(args.out or user_predictor_path(model.config._name_or_path))
+    quality = predictor.quality
+    table = Table(title=f"kvzap fit of {predictor.model}, held-out text (mean over KV heads)")
+    for column in ("layer", "R^2", "Spearman"):
+        table.add_column(column, justify="right")
+    for layer, (r2, rho) in enumerate(zip(quality["r2"], quality["spearman"], strict=True)):
+        if r2 is not None:
+            table.add_row(str(layer), f"{r2:.3f}", f"{rho:.3f}")
+    console.print(table)
+    training = predictor.training
+    console.print(
+        f"rank correlation over every layer, head and token: {quality['spearman_all']:.3f}; fitted on "
+        f"{training['tokens']} tokens ({training['texts']} texts), measured on {training['held_out_tokens']} "
+        f"({training['held_out_texts']} texts) in {seconds:.1f} s; written to {path}"
+    )
     return 0

@@ -22,6 +22,7 @@ from kvsqueeze.eval.tasks import TaskError
 from kvsqueeze.models import DEFAULT_MODEL, ModelLoadError, load_model
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 from kvsqueeze.recipe import Recipe, RecipeError, components, split_recipes
+from kvsqueeze.scorers.predictor import PredictorNotFoundError
 from kvsqueeze.serve.cli import add_serve_command, run_serve
 
 DEMO_RECIPES = (
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         EvalError,
         TaskError,
         ProfileNotFoundError,
+        PredictorNotFoundError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

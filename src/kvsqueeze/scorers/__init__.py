@@ -8,13 +8,26 @@ from kvsqueeze.scorers.expected import ExpectedAttention
 from kvsqueeze.scorers.h2o import H2O
 from kvsqueeze.scorers.keydiff import KeyDiff
 from kvsqueeze.scorers.knorm import KNorm
+from kvsqueeze.scorers.kvzap import KVzap
 from kvsqueeze.scorers.kvzip import KVzip
 from kvsqueeze.scorers.random_baseline import RandomScorer
 from kvsqueeze.scorers.snapkv import SnapKV
 from kvsqueeze.scorers.streaming import StreamingLLM
 from kvsqueeze.scorers.tova import TOVA
 
-_ALL = (RandomScorer, StreamingLLM, KNorm, H2O, TOVA, SnapKV, ExpectedAttention, KeyDiff, ChunkKV, KVzip)
+_ALL = (
+    RandomScorer,
+    StreamingLLM,
+    KNorm,
+    H2O,
+    TOVA,
+    SnapKV,
+    ExpectedAttention,
+    KeyDiff,
+    ChunkKV,
+    KVzip,
+    KVzap,
+)
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in _ALL}
 
 __all__ = [
@@ -25,6 +38,7 @@ __all__ = [
     "ChunkKV",
     "ExpectedAttention",
     "KNorm",
+    "KVzap",
     "KVzip",
     "KeyDiff",
     "RandomScorer",
