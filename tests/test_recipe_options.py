@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from test_cache import run
-from tiny_models import padded_batch, tiny_model
+from tiny_models import padded_batch, random_kvzap_weights, tiny_model
 
 from kvsqueeze.attention import install
 from kvsqueeze.budgets.head_profile import HeadProfile
@@ -155,8 +155,9 @@ def test_the_edges_of_every_range_parse(name, largest):
 
 @pytest.mark.parametrize("largest", [False, True], ids=["smallest", "largest"])
 @pytest.mark.parametrize("name", SCORERS_WITH_OPTIONS)
-def test_scorers_score_at_the_edges_of_their_ranges(name, largest):
-    ranking, _ = COMPONENTS[name](**edges(name, largest)).rank(scoring_inputs())
+def test_scorers_score_at_the_edges_of_their_ranges(name, largest, tmp_path):
+    options = edges(name, largest) | ({"weights": random_kvzap_weights(tmp_path)} if name == "kvzap" else {})
+    ranking, _ = COMPONENTS[name](**options).rank(scoring_inputs())
     assert ranking.shape == (1, 2, 16) and not bool(ranking.isnan().any())
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import random_kvzap_weights
 
 from kvsqueeze.scorers import (
     H2O,
@@ -76,6 +77,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def test_registry_order_and_metadata():
     assert list(SCORERS) == [
         "random", "streaming", "knorm", "h2o", "tova", "snapkv", "expected", "keydiff", "chunkkv", "kvzip",
+        "kvzap",
     ]  # fmt: skip
     for name, cls in SCORERS.items():
         assert cls.name == name and cls.__doc__ and dataclasses.is_dataclass(cls)
@@ -105,8 +107,9 @@ def contract_inputs(garbage: float) -> ScoringInputs:
 
 
 @pytest.mark.parametrize("name", list(SCORERS))
-def test_contract_shape_finite_and_blind_to_invalid(name):
-    scorer = SCORERS[name]()
+def test_contract_shape_finite_and_blind_to_invalid(name, tmp_path):
+    options = {"weights": random_kvzap_weights(tmp_path)} if name == "kvzap" else {}
+    scorer = SCORERS[name](**options)
     clean = contract_inputs(0.0)
     ranking, state = scorer.rank(clean)
     valid = clean.valid

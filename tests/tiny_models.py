@@ -1,6 +1,8 @@
-"""Tiny random-weight models of every architecture kvsqueeze is tested on."""
+"""Tiny random-weight models of every architecture kvsqueeze is tested on (and tiny fitted files)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -84,3 +86,13 @@ def padded_batch(lengths: list[int], vocab: int = 96, seed: int = 0) -> tuple[to
         mask[row, width - length :] = 1
         ids[row, : width - length] = 0
     return ids, mask
+
+
+def random_kvzap_weights(directory: Path, layers: int = 2, heads: int = 2, dim: int = 8) -> str:
+    """Path of a seeded random ``kvzap`` weights file for ``layers x heads`` KV heads of ``dim``."""
+    from kvsqueeze.scorers.predictor import ScorePredictor
+
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(layers, heads, dim // 2 + dim, generator=generator).tolist()
+    predictor = ScorePredictor("random", weights, torch.randn(layers, heads, generator=generator).tolist())
+    return str(predictor.save(Path(directory) / "kvzap-random.json"))
