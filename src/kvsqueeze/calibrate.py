@@ -13,7 +13,7 @@ near 1; local and sink heads near 0. Without a tokenizer, the probe uses random 
 a repeated random key instead (same measure).
 
 The resulting ``HeadProfile`` is saved as JSON under ``$KVSQUEEZE_HOME/profiles/`` and read by
-the ``duo`` budget.
+the ``duo`` budget. ``--target kvzip`` fits the ``kvzap`` scorer instead (``kvsqueeze.calibrate_kvzip``).
 """
 
 from __future__ import annotations
