@@ -11,7 +11,14 @@ import torch
 
 from kvsqueeze import generate
 from kvsqueeze.calibrate import add_calibrate_command, run_calibrate
-from kvsqueeze.calibrate_kvzip import LOG_FLOOR, calibrate_kvzip, calibration_texts, record_kvzip
+from kvsqueeze.calibrate_kvzip import (
+    LOG_FLOOR,
+    calibrate_kvzip,
+    calibration_texts,
+    record_kvzip,
+)
+from kvsqueeze.calibration_text import docstring_paragraphs
+from kvsqueeze.eval.text import noise_sentences, prose_paragraphs
 from kvsqueeze.prefill import ChunkedPrefill
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers import NEVER_EVICT, KVzap, KVzip
@@ -89,7 +96,7 @@ def test_the_default_model_ships_a_fitted_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KVSQUEEZE_HOME", str(tmp_path))
     shipped = find_predictor(str(tmp_path / "models" / "smollm2-135m"))
     assert shipped.model == "smollm2-135m" and shipped.shape == (30, 3, 96)
-    assert shipped.training["text_source"].startswith("kvsqueeze.eval.text.prose_paragraphs")
+    assert shipped.training["text_source"].startswith("docstrings of the Python")
     assert shipped.training["tokens"] >= 5000 and "seed" in shipped.training
     assert len(shipped.quality["r2"]) == 30 and shipped.quality["spearman_all"] > 0.5
 
@@ -132,6 +139,17 @@ def test_calibration_texts_are_seeded_whole_paragraphs(tokenizer):
     texts = calibration_texts(tokenizer, 3, 64, seed=1)
     assert texts == calibration_texts(tokenizer, 3, 64, seed=1) != calibration_texts(tokenizer, 3, 64, seed=2)
     assert all(len(tokenizer.encode(text)) >= 64 for text in texts)
+
+
+def test_calibration_text_is_no_eval_text():
+    paragraphs = docstring_paragraphs()
+    assert len(paragraphs) > 500 and all(len(p) >= 200 and "\n" not in p for p in paragraphs)
+
+    def sentences(texts):  # a shared short clause ("This is particularly useful for aliases") is no leak
+        return {s for text in texts for s in text.split(". ") if len(s) > 50}
+
+    assert not sentences(prose_paragraphs()) & sentences(paragraphs)
+    assert not any(noise in paragraph for noise in noise_sentences() for paragraph in paragraphs)
 
 
 def test_recorded_targets_are_the_log_of_kvzip_scores(tiny):

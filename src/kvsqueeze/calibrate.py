@@ -244,7 +244,7 @@ def add_calibrate_command(subparsers) -> argparse.ArgumentParser:
         "head by the attention its answer puts on the key in the context (RazorAttention-style, no "
         "training); saves the head profile as JSON under $KVSQUEEZE_HOME/profiles/ (or --out), where "
         "`duo` recipes find it. --target kvzip: run KVzip's reconstruction pass on --texts texts of "
-        "CPython's reference prose (kvsqueeze.eval.text.prose_paragraphs; no eval task text), record "
+        "the prose of the Python standard library's docstrings (no eval task's text or filler), record "
         "each layer's keys/values and KVzip's scores, and fit per (layer, KV head) a ridge regression "
         "from key/value features to the log of KVzip's score; the last --held-out texts measure the "
         "fit (R^2, rank correlation). Saves it as JSON under $KVSQUEEZE_HOME/kvzap/ (or --out), where "

@@ -1,8 +1,8 @@
 """Fit ``kvzap``'s per-layer model to KVzip's scores (``kvsqueeze calibrate --target kvzip``).
 
-The calibration text is CPython's reference prose (``kvsqueeze.eval.text.prose_paragraphs``, the
-``pydoc_data`` topics shipped with Python), never an eval task's generator or filler: its
-paragraphs are shuffled by the seed and packed into texts of about ``text_tokens`` tokens, the
+The calibration text is the prose of the docstrings of CPython's standard library
+(``kvsqueeze.calibration_text``), which no eval task, filler or fidelity text uses: its paragraphs are
+shuffled by the seed and packed into texts of about ``text_tokens`` tokens, the
 last ``held_out`` of which are kept apart to measure the fit. Each text is prefilled as a chat
 context and compressed with KVzip (its reconstruction pass); a recording KVzip scorer keeps, per
 layer and KV head, the ``token_features`` of every context token but the sinks and the log of
@@ -20,14 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.attention import install
 from kvsqueeze.budgets.head_profile import profile_key
 from kvsqueeze.cache import CompressedCache
+from kvsqueeze.calibration_text import SOURCE, docstring_paragraphs
 from kvsqueeze.engine import prefill_context, split_prompt
-from kvsqueeze.eval.text import prose_paragraphs
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers.base import ScoringInputs, first_valid
 from kvsqueeze.scorers.kvzip import KVzip
 from kvsqueeze.scorers.predictor import FEATURES_VERSION, ScorePredictor, fit_ridge, token_features
 
-TEXT_SOURCE = "kvsqueeze.eval.text.prose_paragraphs (CPython's pydoc_data topics)"
 LOG_FLOOR = 1e-9
 """Smallest KVzip score whose log is fitted (a token no query attends to scores about 0)."""
 
@@ -57,8 +56,8 @@ class _RecordingKVzip(KVzip):
 def calibration_texts(
     tokenizer: PreTrainedTokenizerBase, count: int, text_tokens: int, seed: int
 ) -> list[str]:
-    """``count`` texts of at least ``text_tokens`` tokens of whole prose paragraphs, seeded."""
-    paragraphs = list(prose_paragraphs())
+    """``count`` texts of at least ``text_tokens`` tokens of whole docstring paragraphs, seeded."""
+    paragraphs = list(docstring_paragraphs())
     random.Random(seed).shuffle(paragraphs)
     texts, current, size = [], [], 0
     for paragraph in paragraphs:
@@ -69,7 +68,7 @@ def calibration_texts(
             current, size = [], 0
         if len(texts) == count:
             return texts
-    raise ValueError(f"the calibration prose holds {len(texts)} texts of {text_tokens} tokens, not {count}")
+    raise ValueError(f"the docstrings hold {len(texts)} texts of {text_tokens} tokens, not {count}")
 
 
 @torch.no_grad()
@@ -167,7 +166,7 @@ def calibrate_kvzip(
     )
     training = {
         "target": "log KVzip score (peak attention of the reconstruction queries, floor 1e-9)",
-        "text_source": TEXT_SOURCE,
+        "text_source": SOURCE,
         "texts": texts - held_out,
         "held_out_texts": held_out,
         "text_tokens": text_tokens,

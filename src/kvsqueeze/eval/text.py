@@ -30,18 +30,24 @@ def prose_paragraphs() -> tuple[str, ...]:
     """Paragraphs of plain English prose (each one line, >= 200 characters), in a fixed order."""
     from pydoc_data.topics import topics
 
+    return tuple(paragraph for name in sorted(topics) for paragraph in plain_paragraphs(topics[name]))
+
+
+def plain_paragraphs(document: str) -> list[str]:
+    """The paragraphs of ``document`` that are plain prose, each joined into one line: at least 200
+    characters, a capital first and a sentence's end last; indented blocks (code, lists, tables,
+    notes), headings and doctests are left out."""
     paragraphs = []
-    for name in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[name]):
-            lines = block.split("\n")
-            if any(line.startswith((" ", "\t")) for line in lines):
-                continue  # code, lists, tables and notes are indented
-            if any(_HEADING.match(line.strip()) for line in lines) or ">>>" in block:
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text) >= 200 and text[-1] in ".!?" and text[0].isupper():
-                paragraphs.append(text)
-    return tuple(paragraphs)
+    for block in re.split(r"\n\s*\n", document):
+        lines = block.split("\n")
+        if any(line.startswith((" ", "\t")) for line in lines):
+            continue
+        if any(_HEADING.match(line.strip()) for line in lines) or ">>>" in block:
+            continue
+        text = " ".join(line.strip() for line in lines)
+        if len(text) >= 200 and text[-1] in ".!?" and text[0].isupper():
+            paragraphs.append(text)
+    return paragraphs
 
 
 @functools.cache

@@ -18,7 +18,7 @@ class KVzap(Scorer):
     Predicts, per (token, KV head), the log of KVzip's score (the largest attention the
     reconstruction queries give the token): a linear map per (layer, KV head) of the token's
     post-RoPE key and value (``kvsqueeze.scorers.predictor.token_features``: key RoPE-pair norms
-    and the value), fitted by ridge regression on KVzip's scores of reference prose
+    and the value), fitted by ridge regression on KVzip's scores of the standard library's docstrings
     (``kvsqueeze calibrate --target kvzip``). ``[B, Hkv, L, D] -> [B, Hkv, L]``. A log is
     monotone, so the ranking is on KVzip's scale across layers and ``kvzap+global`` shares one
     threshold as ``kvzip+global`` does. It reads no queries, so it scores during the ordinary
