@@ -122,7 +122,7 @@ def test_a_model_without_a_fitted_file_says_how_to_make_one(tmp_path, monkeypatc
     hand_predictor(layers=3).save(tmp_path / "kvzap" / "org--unknown.json")
     with pytest.raises(PredictorNotFoundError, match=r"the model needs \(2, 2, 6\)"):
         KVzap().score(inputs)
-    with pytest.raises(PredictorNotFoundError, match="do not exist"):
+    with pytest.raises(PredictorNotFoundError, match="does not exist"):
         KVzap(weights=str(tmp_path / "none.json")).score(inputs)
 
 

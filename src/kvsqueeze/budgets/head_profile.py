@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kvsqueeze.calibrated_files import locate_calibrated
 from kvsqueeze.models import kvsqueeze_home
 
 
@@ -95,17 +96,13 @@ def shipped_profile_path(name_or_path: str) -> Path:
 
 def find_profile(name_or_path: str, explicit: str = "") -> HeadProfile:
     """The head profile of a model: ``explicit`` if given, else the user's, else the shipped one."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise ProfileNotFoundError(f"head profile {explicit!r} does not exist")
-        return HeadProfile.load(Path(explicit))
-    candidates = [user_profile_path(name_or_path), shipped_profile_path(name_or_path)]
-    for path in candidates:
-        if path.is_file():
-            return HeadProfile.load(path)
-    looked = ", ".join(str(path) for path in candidates)
     model = name_or_path or "<model>"
-    raise ProfileNotFoundError(
-        f"no head profile for model {model!r} (looked in {looked}); run `kvsqueeze calibrate "
-        f"--model {model}` first, or pass one with duo:profile=FILE"
+    path = locate_calibrated(
+        explicit,
+        [user_profile_path(name_or_path), shipped_profile_path(name_or_path)],
+        ProfileNotFoundError,
+        "head profile",
+        model,
+        f"run `kvsqueeze calibrate --model {model}` first, or pass one with duo:profile=FILE",
     )
+    return HeadProfile.load(path)

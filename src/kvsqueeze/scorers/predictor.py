@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.budgets.head_profile import profile_key
+from kvsqueeze.calibrated_files import locate_calibrated
 from kvsqueeze.models import kvsqueeze_home
 
 FEATURES_VERSION = 1
@@ -118,17 +119,14 @@ def shipped_predictor_path(name_or_path: str) -> Path:
 def find_predictor(name_or_path: str, explicit: str = "") -> ScorePredictor:
     """The fitted ``kvzap`` model of a model: ``explicit`` if given, else the user's, else the
     shipped one."""
-    if explicit:
-        if not Path(explicit).is_file():
-            raise PredictorNotFoundError(f"kvzap weights {explicit!r} do not exist")
-        return ScorePredictor.load(Path(explicit))
-    candidates = [user_predictor_path(name_or_path), shipped_predictor_path(name_or_path)]
-    for path in candidates:
-        if path.is_file():
-            return ScorePredictor.load(path)
-    looked = ", ".join(str(path) for path in candidates)
     model = name_or_path or "<model>"
-    raise PredictorNotFoundError(
-        f"no fitted kvzap model for {model!r} (looked in {looked}); run `kvsqueeze calibrate "
-        f"--model {model} --target kvzip` first, or pass one with kvzap:weights=FILE"
+    path = locate_calibrated(
+        explicit,
+        [user_predictor_path(name_or_path), shipped_predictor_path(name_or_path)],
+        PredictorNotFoundError,
+        "fitted kvzap model",
+        model,
+        f"run `kvsqueeze calibrate --model {model} --target kvzip` first, "
+        "or pass one with kvzap:weights=FILE",
     )
+    return ScorePredictor.load(path)
