@@ -15,6 +15,7 @@ from kvsqueeze.cache import CompressedCache
 from kvsqueeze.engine import positions_from_mask, prefill
 from kvsqueeze.recipe import Recipe
 from kvsqueeze.scorers.base import Scorer
+from kvsqueeze.sliding import SlidingLayers
 
 
 @dataclass
@@ -73,7 +74,8 @@ def test_model_generate_with_compressed_cache(arch):
         model.set_attn_implementation(native)
         beams_reference = model.generate(**kwargs, num_beams=2)
         install(model)
-        compressed = model.generate(**kwargs, past_key_values=CompressedCache(fixed_recipe(0.5)))
+        everywhere = Recipe(scorer=FixedScores(), ratio=0.5, layers=SlidingLayers())  # sliding layers too
+        compressed = model.generate(**kwargs, past_key_values=CompressedCache(everywhere))
     assert torch.equal(greedy, reference)
     assert torch.equal(beams, beams_reference)
     assert compressed.shape == reference.shape

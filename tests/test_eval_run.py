@@ -13,7 +13,7 @@ from kvsqueeze.engine import continuation_logits, generate_multiturn
 from kvsqueeze.eval import runner as runner_module
 from kvsqueeze.eval.intervals import bootstrap_mean, paired_ratio, wilson
 from kvsqueeze.eval.metrics import fidelity
-from kvsqueeze.eval.report import prefill_label, summarize
+from kvsqueeze.eval.report import prefill_label, summarize, summary_markdown
 from kvsqueeze.eval.runner import EvalConfig, EvalError, load_records, run_eval
 
 CONTEXT = "The museum opens at nine. " * 30 + "The secret word is pelican. " + "Tea is served at four. " * 30
@@ -349,3 +349,15 @@ def test_eval_prefills_in_the_servers_chunks_unless_told(
     assert [r["chunk_size"] for r in records] == [chunk, chunk]
     assert (max(seen) <= 256) == (chunk == 256) and max(seen) > 0
     assert f"prefill: {label}." in capsys.readouterr().out
+
+
+def test_summary_names_the_layers_a_recipe_left_as_transformers_holds_them():
+    def line(recipe, compressed):
+        return _record(recipe, "passkey", 0, 1.0, 0.3, layers=18, compressed_layers=compressed)
+
+    hybrid = [line("full", 0), line("snapkv@0.75", 3), line("snapkv+sliding@0.75", 18)]
+    summary = summary_markdown(hybrid)
+    assert "Layers compressed: `snapkv@0.75` 3/18, `snapkv+sliding@0.75` 18/18." in summary
+    every = [line("full", 0), line("snapkv+sliding@0.75", 18)]
+    assert "Layers compressed" not in summary_markdown(every)
+    assert "Layers compressed" not in summary_markdown([_record("snapkv@0.5", "passkey", 0, 1.0, 0.5)])

@@ -60,7 +60,7 @@ def test_expected_attention_scores_each_layer_with_its_rope(gemma, monkeypatch):
 
     monkeypatch.setattr(ExpectedAttention, "score", recording)
     ids = _context_ids(tokenizer)
-    cache = CompressedCache(Recipe.parse("expected@0.5"), config=model.config, window_layers="compress")
+    cache = CompressedCache(Recipe.parse("expected+sliding@0.5"), config=model.config)
     with torch.no_grad():
         prefill(model, cache, ids, torch.ones_like(ids))
     assert sorted(seen) == [0, 1, 2, 3]
@@ -126,7 +126,10 @@ def test_full_holds_what_dynamic_cache_holds_up_to_block_slack(gemma):
     assert 0 <= slack < len(ours.layers) * 2 * ours.block_size * per_token
 
 
-@pytest.mark.parametrize(("recipe", "compressed"), [("full", []), ("snapkv@0.5", [2]), ("kivi4", [2])])
+@pytest.mark.parametrize(
+    ("recipe", "compressed"),
+    [("full", []), ("snapkv@0.5", [2]), ("kivi4", [2]), ("snapkv+sliding@0.5", [0, 1, 2, 3])],
+)
 def test_results_name_the_layers_the_recipe_compressed(gemma, recipe, compressed):
     model, tokenizer = gemma
     result = generate(model, tokenizer, CONTEXT, "What is the pass key?", recipe, max_new_tokens=2)

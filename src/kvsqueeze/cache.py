@@ -18,6 +18,7 @@ steps the cache is compressed again from them (``compress_decoded``).
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -34,9 +35,6 @@ from kvsqueeze.storage.pool import Workspace
 if TYPE_CHECKING:
     from kvsqueeze.compression import Observation
     from kvsqueeze.recipe import Recipe
-
-WINDOW_LAYERS = ("keep", "compress")
-"""What a recipe does to sliding-window layers: keep them as transformers does, or compress them."""
 
 
 class CompressedCache(Cache):
@@ -55,8 +53,9 @@ class CompressedCache(Cache):
         hooks of ``kvsqueeze.attention.install`` pass it at the first forward.
     block_size : tokens per block of the model's-dtype (or 16-bit) storage; a quantizer's blocks
         hold ``group_size`` tokens (the 16-bit blocks then divide it: ``gcd(block_size, group_size)``).
-    window_layers : ``"keep"`` (default) stores sliding-window layers as transformers does, their
-        last ``window - 1`` tokens, uncompressed; ``"compress"`` applies the recipe to them too.
+
+    Sliding-window layers are stored as transformers stores them, their last ``window - 1``
+    tokens, uncompressed, unless the recipe has the ``sliding`` component (``snapkv+sliding@0.75``).
     """
 
     def __init__(
@@ -64,16 +63,12 @@ class CompressedCache(Cache):
         recipe: Recipe | None = None,
         config=None,
         block_size: int = 16,
-        window_layers: str = "keep",
     ):
         super().__init__(layers=[])
-        if window_layers not in WINDOW_LAYERS:
-            raise ValueError(f"window_layers must be one of {WINDOW_LAYERS}, got {window_layers!r}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.recipe = recipe
         self.block_size = block_size
-        self.window_layers = window_layers
         self.config = None
         self.windows: list[int | None] = []
         self.record_past = False
@@ -106,10 +101,13 @@ class CompressedCache(Cache):
         self.windows = layer_windows(config)
         for index, layer in enumerate(self.layers):
             layer.window = self.windows[index]
+        if self.recipe is not None and (reason := self.recipe.misses_every_layer(config)):
+            warnings.warn(reason, stacklevel=2)
 
     def recipe_for(self, layer: PagedLayer) -> Recipe | None:
-        """The recipe ``layer`` is compressed with: None for a kept sliding-window layer."""
-        if layer.is_sliding and self.window_layers == "keep":
+        """The recipe ``layer`` is compressed with: None for a sliding-window layer the recipe
+        leaves as it is (one without ``sliding``)."""
+        if layer.is_sliding and (self.recipe is None or self.recipe.layers is None):
             return None
         return self.recipe
 
@@ -384,7 +382,7 @@ class CompressedCache(Cache):
             self.select_rows(rows.repeat_interleave(repeats))
 
     def _clone_empty(self) -> CompressedCache:
-        twin = type(self)(self.recipe, block_size=self.block_size, window_layers=self.window_layers)
+        twin = type(self)(self.recipe, block_size=self.block_size)
         twin.config, twin.windows = self.config, list(self.windows)
         return twin
 
@@ -405,7 +403,6 @@ class CompressedCache(Cache):
             "windows": [layer.window for layer in self.layers],
             "dtype": str(self.kv_dtype).removeprefix("torch."),
             "block_size": self.block_size,
-            "window_layers": self.window_layers,
         }
         return tensors, meta
 
@@ -417,7 +414,6 @@ class CompressedCache(Cache):
         cache = cls(
             Recipe.parse(meta["recipe"]),
             block_size=meta.get("block_size", 16),
-            window_layers=meta.get("window_layers", "keep"),
         )
         dtype = getattr(torch, meta["dtype"])
         cache.windows = list(meta.get("windows") or [None] * len(meta["seen"]))

@@ -286,13 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _load_model_for(args: argparse.Namespace, recipes: list[Recipe]):
+    """``--model`` and its tokenizer; a ``UsageError`` if one of ``recipes`` would compress none
+    of its layers (a model whose every layer slides, a recipe without ``sliding``)."""
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    for recipe in recipes:
+        if reason := recipe.misses_every_layer(model.config):
+            raise UsageError(reason)
+    return model, tokenizer
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     recipe = Recipe.parse(args.recipe)
     if "" in args.stop:
         raise UsageError("--stop: a stop string must not be empty (it would end every answer at once)")
     context = _read_context(args)
     options = _generation_kwargs(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = _load_model_for(args, [recipe])
     result = generate(
         model,
         tokenizer,
@@ -333,7 +343,7 @@ def _demo(args: argparse.Namespace, console: Console) -> int:
     if unknown := set(modes) - set(MODES):
         raise UsageError(f"unknown mode(s) {', '.join(sorted(unknown))}; valid: {', '.join(MODES)}")
     case = demo_case()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = _load_model_for(args, recipes)
     results = []
     with console.status("") as status:
         for mode in modes:
@@ -403,7 +413,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         longgen_tokens=args.longgen_tokens,
         max_new_tokens=args.max_new_tokens,
     )
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = _load_model_for(args, [Recipe.parse(text) for text in config.recipes])
     err = Console(stderr=True)
     try:
         counts = run_eval(config, out, model, tokenizer, console=err)
@@ -485,7 +495,7 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
 
 def methods_table() -> Table:
     table = Table(
-        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+merge][+keys][+quantizer]@ratio"
+        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+merge][+keys][+quantizer][+sliding]@ratio"
         "[+decoding], "
         "each name[:option=value,...])"
     )

@@ -35,7 +35,7 @@ class GenerationResult:
     before its compression) and ``kv_bytes_end`` what is held after the last token.
     ``compressed_layers`` lists the layers the recipe compressed (evicted or quantized) out of
     ``layers``; the others hold what transformers' default cache holds (a sliding-window layer
-    its last ``window - 1`` tokens, see ``CompressedCache(window_layers=...)``)."""
+    its last ``window - 1`` tokens, unless the recipe has ``sliding``)."""
 
     answer: str
     recipe: str

@@ -2,10 +2,11 @@
 
 String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``, where RATIO is
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
-``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``, ``snapkv+d2o@0.5``. Each
-component is ``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge,
-one key reducer (fewer numbers stored per key), one quantizer and one decoding component, which
-bounds the cache during generation and may follow the ratio:
+``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``, ``snapkv+d2o@0.5``,
+``snapkv+sliding@0.75`` (sliding-window layers compressed too). Each component is
+``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge, one key reducer
+(fewer numbers stored per key), one quantizer and one decoding component, which bounds the cache
+during generation and may follow the ratio:
 ``kvzip+global+think:channels=0.5+kivi4@0.75+decode:scorer=tova,budget=256,every=32``.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from kvsqueeze.baseline import layer_windows
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
@@ -35,6 +37,7 @@ from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.scorers import SCORERS
 from kvsqueeze.scorers.base import Scorer, ScoringInputs
 from kvsqueeze.selection import keep_mask
+from kvsqueeze.sliding import LAYER_CHOICES, SlidingLayers
 from kvsqueeze.units import UNITS, Unit, pool_by_unit
 
 FULL = "full"
@@ -45,7 +48,16 @@ class RecipeError(ValueError):
 
 
 def components() -> dict[str, type[Component]]:
-    return {**SCORERS, **BUDGETS, **UNITS, **MERGERS, **KEY_REDUCERS, **QUANTIZERS, **DECODERS}
+    return {
+        **SCORERS,
+        **BUDGETS,
+        **UNITS,
+        **MERGERS,
+        **KEY_REDUCERS,
+        **QUANTIZERS,
+        **DECODERS,
+        **LAYER_CHOICES,
+    }
 
 
 def valid_names() -> list[str]:
@@ -68,6 +80,8 @@ class Recipe:
     decoding : what bounds the cache while an answer is generated (None = every generated token
         is kept).
     keys : what stores each encoded block's keys in fewer numbers (None = every channel).
+    layers : ``SlidingLayers`` to compress sliding-window layers too (None = full-attention layers
+        only; a sliding layer holds its window as in transformers' own cache).
     """
 
     scorer: Scorer | None = None
@@ -78,6 +92,7 @@ class Recipe:
     decoding: DecodeCompressor | None = None
     merge: Merger | None = None
     keys: KeyReducer | None = None
+    layers: SlidingLayers | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -96,6 +111,11 @@ class Recipe:
             raise RecipeError(
                 f"{self.quantizer.name} keeps what the scorer evicts in low bits: there is nothing "
                 f"left for {self.merge.name} to merge; use one of them"
+            )
+        if self.layers is not None and self.scorer is None and self.is_full:
+            raise RecipeError(
+                f"{self.layers.name} applies a recipe to sliding-window layers too; add what to "
+                f"apply, e.g. snapkv+{self.layers.name}@0.75"
             )
 
     @property
@@ -135,10 +155,25 @@ class Recipe:
     def is_full(self) -> bool:
         return not self.evicts and not self.encodes_blocks and self.decoding is None
 
+    def misses_every_layer(self, config) -> str | None:
+        """Why this recipe would compress no layer of a model with ``config`` (every layer slides
+        over a window and the recipe lacks ``sliding``), or None if it compresses some."""
+        if self.is_full or self.layers is not None:
+            return None
+        windows = layer_windows(config)
+        if any(window is None for window in windows):
+            return None
+        return (
+            f"recipe {self} compresses no layer of this model: all {len(windows)} layers are "
+            f"sliding-window layers (window {max(windows)}), which a recipe leaves as transformers' "
+            f"own cache holds them; add {SlidingLayers.name!r} to compress them too, e.g. "
+            f"{Recipe.parse(str(self) + '+' + SlidingLayers.name)}"
+        )
+
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        named = (scorer, self.budget, self.unit, self.merge, self.keys, self.quantizer)
+        named = (scorer, self.budget, self.unit, self.merge, self.keys, self.quantizer, self.layers)
         parts = [c.spec() for c in named if c is not None]
         text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
         if self.decoding is not None:
@@ -174,6 +209,7 @@ class Recipe:
             decoding=chosen.get("decoding"),
             merge=chosen.get("merge"),
             keys=chosen.get("keys"),
+            layers=chosen.get("layers"),
         )
         decoder = recipe.decoding
         if recipe.scorer is not None and recipe.scorer.stateful and decoder is not None and decoder.stateful:
@@ -259,6 +295,8 @@ def _build_component(spec: str) -> Component:
     name, _, options_text = spec.partition(":")
     name = name.strip()
     registry = components()
+    if name == FULL:
+        raise RecipeError(f"{FULL!r} keeps everything and stands alone; it combines with no component")
     if name not in registry:
         hint = difflib.get_close_matches(name, valid_names(), n=1)
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""

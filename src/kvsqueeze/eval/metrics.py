@@ -34,10 +34,15 @@ def string_match_part(prediction: str, expected: Sequence[str]) -> float:
 
 
 def bytes_fields(footprint: dict) -> dict:
-    """The byte fields of a result line, from an ``engine.footprint_of`` (or a result with its fields)."""
-    names = ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit", "kv_dtype")
+    """The byte fields of a result line, from an ``engine.footprint_of`` (or a result with its
+    fields), and how many of its ``layers`` the recipe compressed."""
+    names = ("kv_bytes", "kv_bytes_full", "kv_bytes_16bit", "kv_bytes_full_16bit", "kv_dtype", "layers")
     fields = {name: footprint[name] for name in names}
-    return {**fields, "compression_ratio": 1.0 - fields["kv_bytes"] / fields["kv_bytes_full"]}
+    return {
+        **fields,
+        "compressed_layers": len(footprint["compressed_layers"]),
+        "compression_ratio": 1.0 - fields["kv_bytes"] / fields["kv_bytes_full"],
+    }
 
 
 def fidelity(full: torch.Tensor, compressed: torch.Tensor, targets: Sequence[int]) -> dict[str, float]:

@@ -161,6 +161,7 @@ def summary_markdown(
         "alike (likely at small n) its interval is too narrow, zero-width at the extreme.",
         "",
     ]
+    lines += _layers_compressed(records)
     for mode, block in summarize(records).items():
         tasks = block["tasks"]
         lines += [f"## Scores ({mode})", ""]
@@ -202,6 +203,23 @@ def summary_markdown(
     lines += _fidelity(records)
     lines += _long_generation(records)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _layers_compressed(records: list[dict]) -> list[str]:
+    """A line naming, per recipe, how many layers it compressed, when some recipe left layers as
+    transformers' cache holds them (sliding-window layers); nothing otherwise (or for old results)."""
+    counts = {}
+    for record in records:
+        if record["recipe"] != FULL and "compressed_layers" in record:
+            counts.setdefault(record["recipe"], (record["compressed_layers"], record["layers"]))
+    if all(compressed == layers for compressed, layers in counts.values()):
+        return []
+    cells = ", ".join(f"`{recipe}` {compressed}/{layers}" for recipe, (compressed, layers) in counts.items())
+    return [
+        f"Layers compressed: {cells}. The others hold what transformers' own cache holds (a "
+        "sliding-window layer its window; a recipe with `sliding` compresses those too).",
+        "",
+    ]
 
 
 def _target(block: dict, mode: str, target: float) -> list[str]:

@@ -210,8 +210,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        Recipe.parse(args.recipe)
+        recipe = Recipe.parse(args.recipe)
         model, tokenizer = load_model(args.model, dtype=args.dtype)
+        if reason := recipe.misses_every_layer(model.config):
+            raise RecipeError(reason)
     except (RecipeError, ModelLoadError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
