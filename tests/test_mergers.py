@@ -162,13 +162,21 @@ def test_quantized_tokens_are_never_merged_into_nor_re_encoded():
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 @pytest.mark.parametrize("merge", ["d2o", "kvmerger:threshold=0"])
 def test_merges_hold_the_bytes_of_plain_eviction_on_every_architecture(arch, merge):
-    """Sliding-window and hybrid layers too: the layers stay consistent."""
+    """Sliding-window (compressed with ``sliding``) and hybrid layers too: the layers stay consistent
+    and the merge was applied (some layer's held values differ from plain eviction's)."""
     model = install(tiny_model(arch))
-    evicting, _ = prefilled("snapkv:window=4@0.5", model)
-    merging, logits = prefilled(f"snapkv:window=4+{merge}@0.5", model)
+    evicting, _ = prefilled("snapkv:window=4+sliding@0.5", model)
+    merging, logits = prefilled(f"snapkv:window=4+{merge}+sliding@0.5", model)
     for layer in merging.layers:
         layer.validate()
     assert merging.nbytes() == evicting.nbytes() and bool(torch.isfinite(logits).all())
+    full, _ = prefilled("full", model)
+    assert merging.nbytes() < full.nbytes()
+    merged = [
+        not torch.equal(m.view().values, e.view().values)
+        for m, e in zip(merging.layers, evicting.layers, strict=True)
+    ]
+    assert any(merged)  # on mistral and phi3 every layer slides
 
 
 def test_tokens_the_last_query_cannot_see_are_not_merged():

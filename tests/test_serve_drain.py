@@ -39,12 +39,22 @@ def stream(base, max_tokens, events):
 def test_sigterm_refuses_new_requests_finishes_short_ones_ends_long_ones_and_exits(tiny_dir, monkeypatch):
     monkeypatch.setenv(ENVIRONMENT_VARIABLE, f"another-key,{KEY}")  # keys the server reads
     with local_server_process(
-        "--model", tiny_dir, "--served-model-name", "tiny", "--drain-seconds", "5", "--log-level", "warning"
+        "--model",
+        tiny_dir,
+        "--served-model-name",
+        "tiny",
+        "--drain-seconds",
+        "2",
+        "--max-tokens-limit",
+        "4000",
+        "--log-level",
+        "warning",
     ) as (base, process):
         short, long = [], []
         threads = [
             threading.Thread(target=stream, args=(base, n, events))
-            for n, events in ((8, short), (2000, long))
+            # 4000 tokens take the tiny model far longer than the 2 s drain even on a fast machine
+            for n, events in ((8, short), (4000, long))
         ]
         for thread in threads:
             thread.start()
@@ -63,5 +73,5 @@ def test_sigterm_refuses_new_requests_finishes_short_ones_ends_long_ones_and_exi
         for thread in threads:
             thread.join(timeout=10)
     assert short[-1] in ("length", "stop")  # finished within the drain
-    assert isinstance(long[-1], openai.APIError) and "shut down after draining for 5 s" in str(long[-1])
-    assert 5 <= elapsed < 5 + 10
+    assert isinstance(long[-1], openai.APIError) and "shut down after draining for 2 s" in str(long[-1])
+    assert 2 <= elapsed < 2 + 10
