@@ -1,15 +1,18 @@
 """Prefill time of ``kvzap+global@0.75`` vs ``kvzip+global@0.75`` vs ``full``, side by side.
 
-The demo document's ~1k-token context on the default model, one forward (as ``prefill_overhead``)
-and chunked as the server feeds it (``DEFAULT_CHUNK_SIZE``); the three recipes are timed in turn,
-``REPEATS`` rounds, medians and the ratio to ``full``'s median of the same rows are printed. Then
-how many of the (layer, KV head, token) entries KVzip keeps ``kvzap`` keeps too (a random choice
-of the same size would share about its size: a quarter).
+The demo document's ~1k-token context on the default model (or, with ``--tokens N``, the first N
+tokens of the standard library's docstring prose, text no eval task uses), one forward (as
+``prefill_overhead``) and chunked as the server feeds it (``DEFAULT_CHUNK_SIZE``); the three
+recipes are timed in turn, ``REPEATS`` rounds, medians and the ratio to ``full``'s median of the
+same rows are printed. Then how many of the (layer, KV head, token) entries KVzip keeps ``kvzap``
+keeps too (a random choice of the same size would share about its size: a quarter).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -18,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvsqueeze import CompressedCache, Recipe
+from kvsqueeze.calibration_text import docstring_paragraphs
 from kvsqueeze.engine import prefill_context
 from kvsqueeze.prefill import DEFAULT_CHUNK_SIZE
 
@@ -43,8 +47,25 @@ def kept(cache: CompressedCache) -> set[tuple[int, int, int]]:
     return out
 
 
+def docstring_context(tokenizer, tokens: int, device: torch.device) -> torch.Tensor:
+    """``[1, tokens]`` ids of the docstring prose, paragraphs in file order."""
+    ids: list[int] = []
+    for paragraph in docstring_paragraphs():
+        ids += tokenizer.encode(paragraph + "\n\n", add_special_tokens=False)
+        if len(ids) >= tokens:
+            return torch.tensor([ids[:tokens]], device=device)
+    raise ValueError(f"the docstring prose has only {len(ids)} tokens, fewer than --tokens {tokens}")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, help="context length (default: the demo document, ~1k)")
+    args = parser.parse_args()
+    if args.tokens is not None and args.tokens < 2 * DEFAULT_CHUNK_SIZE:
+        sys.exit(f"error: --tokens must be at least {2 * DEFAULT_CHUNK_SIZE} (two prefill chunks)")
     model, tokenizer, ids = model_and_context()
+    if args.tokens is not None:
+        ids = docstring_context(tokenizer, args.tokens, model.device)
     timed(model, tokenizer, ids, "full", None)  # warm-up
     table = Table(title=f"prefill of {ids.shape[1]} context tokens, median of {REPEATS} interleaved rounds")
     for column in ("recipe", "chunk", "seconds (runs)", "vs full", "KV bytes held"):
