@@ -40,6 +40,17 @@ from kvsqueeze.serve.limits import RETRY_AFTER_SECONDS, AuthError, queue_full, s
 from kvsqueeze.serve.metrics import Metrics
 from kvsqueeze.serve.prefix import PrefixCache
 from kvsqueeze.serve.prompts import DEFAULT_PROTECT_TAIL, Prompts
+from kvsqueeze.serve.requests import (
+    APIError,
+    Prepared,
+    Sampling,
+    parse_body,
+    parse_completion_prompt,
+    parse_document,
+    parse_messages,
+    parse_sampling,
+)
+from kvsqueeze.serve.responses import Reply, sse, usage
 from kvsqueeze.serve.runner import Runner
 from kvsqueeze.serve.scheduler import Sequence
 from kvsqueeze.serve.store import ContextKey, Entry, TieredStore
@@ -74,49 +85,6 @@ class ServeConfig:
     store_ttl: float = 7 * 86400
     restart_delay: float = 1.0
     extra: dict = field(default_factory=dict)
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format: ``{"error": {"message", "type", "code", "param"}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error"}
-        body = {
-            "message": self.message,
-            "type": kind.get(self.status, "invalid_request_error" if self.status < 500 else "server_error"),
-            "param": self.param,
-            "code": self.code,
-        }
-        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
-
-
-@dataclass
-class Prepared:
-    """A validated request: token ids split into context and prompt, and how to run it."""
-
-    context: list[int]
-    prompt: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    restored: Entry | None = None
-    context_tier: str | None = None
-    save_context: Entry | None = None
-    context_key: ContextKey | None = None
 
 
 class Server:
@@ -295,35 +263,6 @@ def profile_digest(recipe: Recipe, model_name: str) -> str:
     return hashlib.sha256(json.dumps(profile.scores).encode()).hexdigest()[:16]
 
 
-def _sampling(body: dict, limit: int, default_max: int) -> tuple[int, float, float, int | None, list[str]]:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = default_max if max_tokens is None else max_tokens
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens!r}", param="max_tokens")
-    if max_tokens > limit:
-        raise APIError(
-            400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens"
-        )
-    temperature = body.get("temperature")
-    temperature = 0.0 if temperature is None else temperature
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else top_p
-    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise APIError(400, "temperature must be a number in [0, 2]", param="temperature")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise APIError(400, "top_p must be a number in (0, 1]", param="top_p")
-    if body.get("n", 1) not in (1, None):
-        raise APIError(400, "only n=1 is supported", param="n")
-    seed = body.get("seed")
-    if seed is not None and not isinstance(seed, int):
-        raise APIError(400, "seed must be an integer", param="seed")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise APIError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-    return max_tokens, float(temperature), float(top_p), seed, stop
-
-
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application serving ``server`` (starts and stops its runner with the app)."""
 
@@ -351,24 +290,7 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(
                 413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes} bytes"
             )
-        raw = await request.body()
-        if len(raw) > config.max_request_bytes:
-            raise APIError(413, f"request body exceeds the limit of {config.max_request_bytes} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model != config.model_name:
-            raise APIError(
-                404,
-                f"model {model!r} is not served here; this server serves {config.model_name!r}",
-                "model_not_found",
-                "model",
-            )
-        return body
+        return parse_body(await request.body(), config.max_request_bytes, config.model_name)
 
     @app.get("/health")
     async def health():
@@ -402,9 +324,7 @@ def create_app(server: Server) -> FastAPI:
     async def create_context(request: Request):
         scope = server.scope(request)
         body = await read_json(request)
-        document = body.get("document")
-        if not isinstance(document, str) or not document:
-            raise APIError(400, "'document' must be a non-empty string", param="document")
+        document = parse_document(body)
         server.check_chat_template()
         head = await server.off_loop(server.prompts.document_head, [])
         tokens = await server.off_loop(server.prompts.encode, head + document)
@@ -458,7 +378,7 @@ def create_app(server: Server) -> FastAPI:
 
         return sink
 
-    async def resolve_context(context_id, scope: str, messages: list[dict]) -> Prepared:
+    async def resolve_context(context_id, scope: str, messages: list[dict], sampling: Sampling) -> Prepared:
         if not isinstance(context_id, str) or not context_id.startswith(CONTEXT_PREFIX):
             raise APIError(400, "context_id must be an id returned by POST /v1/contexts", param="context_id")
         key = server.context_key(context_id[len(CONTEXT_PREFIX) :], scope)
@@ -484,7 +404,7 @@ def create_app(server: Server) -> FastAPI:
                 param="messages",
             )
         prompt = await server.off_loop(server.prompts.after_document, messages, first)
-        prepared = Prepared(lookup.entry.meta["tokens"], prompt, 0, 0.0, 1.0, None, [])
+        prepared = Prepared(lookup.entry.meta["tokens"], prompt, sampling)
         prepared.context_key = key
         if lookup.entry.tensors is None:  # corrupt everywhere: recompute from the manifest's tokens
             server.metrics.inc("context_cache_misses_total")
@@ -496,40 +416,20 @@ def create_app(server: Server) -> FastAPI:
             prepared.restored = lookup.entry
         return prepared
 
-    def check_messages(messages) -> list[dict]:
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", param="messages")
-        checked = []
-        for message in messages:
-            if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-                raise APIError(
-                    400, "each message needs a role of system, user or assistant", param="messages"
-                )
-            content = message.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-            if not isinstance(content, str):
-                raise APIError(400, "message content must be a string", param="messages")
-            checked.append({"role": message["role"], "content": content})
-        if not any(message["role"] == "user" for message in checked):
-            raise APIError(400, "messages need at least one user message", param="messages")
-        return checked
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         arrival = time.perf_counter()
         scope = server.scope(request)
         body = await read_json(request)
         server.check_chat_template()
-        messages = check_messages(body.get("messages"))
-        sampling = _sampling(body, config.max_tokens_limit, config.default_max_tokens)
+        messages = parse_messages(body.get("messages"))
+        sampling = parse_sampling(body, config.max_tokens_limit, config.default_max_tokens)
         context_id = body.get("context_id")
         if context_id is not None:
-            prepared = await resolve_context(context_id, scope, messages)
+            prepared = await resolve_context(context_id, scope, messages, sampling)
         else:
             context, prompt = await server.off_loop(server.prompts.split_chat, messages)
-            prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
-        prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
+            prepared = Prepared(context, prompt, sampling)
         return await respond(request, body, prepared, scope, arrival, chat=True)
 
     @app.post("/v1/completions")
@@ -537,18 +437,10 @@ def create_app(server: Server) -> FastAPI:
         arrival = time.perf_counter()
         scope = server.scope(request)
         body = await read_json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
-        if body.get("context_id") is not None:
-            raise APIError(400, "context_id is supported on /v1/chat/completions only", param="context_id")
-        prompt = with_bos(server.tokenizer, prompt)  # as the tokenizer itself would start it
+        prompt = with_bos(server.tokenizer, parse_completion_prompt(body))  # as the tokenizer would start it
+        sampling = parse_sampling(body, config.max_tokens_limit, 16)
         context, prompt = await server.off_loop(server.prompts.split_completion, prompt)
-        prepared = Prepared(context, prompt, 0, 0.0, 1.0, None, [])
-        sampling = _sampling(body, config.max_tokens_limit, 16)
-        prepared.max_tokens, prepared.temperature, prepared.top_p, prepared.seed, prepared.stop = sampling
+        prepared = Prepared(context, prompt, sampling)
         return await respond(request, body, prepared, scope, arrival, chat=False)
 
     async def respond(
@@ -558,28 +450,33 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, "the prompt is empty")
         if not prepared.prompt:  # keep one token out of the compressed context
             prepared.context, prepared.prompt = prepared.context[:-1], prepared.context[-1:]
-        server.check_size(len(prepared.context), len(prepared.prompt), prepared.max_tokens)
+        sampling = prepared.sampling
+        server.check_size(len(prepared.context), len(prepared.prompt), sampling.max_tokens)
         route = request.url.path
         queue: asyncio.Queue = asyncio.Queue()
         seq = Sequence(
             context=prepared.context,
             prompt=prepared.prompt,
-            max_tokens=prepared.max_tokens,
+            max_tokens=sampling.max_tokens,
             sink=sink_for(queue),
             stop_ids=frozenset(),
-            temperature=prepared.temperature,
-            top_p=prepared.top_p,
-            seed=prepared.seed,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
             scope=scope,
             restored=prepared.restored,
             save_context=prepared.save_context is not None,
         )
         server.submit(seq)
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        reply = Reply(
+            ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            int(time.time()),
+            config.model_name,
+            chat,
+        )
         stream = bool(body.get("stream"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        text = TextStream(server.tokenizer, server.runner.eos_ids, prepared.stop)
+        text = TextStream(server.tokenizer, server.runner.eos_ids, list(sampling.stop))
 
         async def events():
             """(delta text, finish reason or None, info) as tokens arrive; cancels on stop strings."""
@@ -606,37 +503,17 @@ def create_app(server: Server) -> FastAPI:
                     yield text.flush(), reason, value
                     return
 
-        def usage(info: dict) -> dict:
+        def counted_usage(info: dict) -> dict:
             server.metrics.inc("prompt_tokens_total", info["prompt_tokens"])
             server.metrics.inc("completion_tokens_total", text.count)
             server.metrics.inc("cached_prompt_tokens_total", info["cached_tokens"])
-            return {
-                "prompt_tokens": info["prompt_tokens"],
-                "completion_tokens": text.count,
-                "total_tokens": info["prompt_tokens"] + text.count,
-                "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]},
-            }
+            return usage(info["prompt_tokens"], text.count, info["cached_tokens"])
 
         def extension(info: dict) -> dict:
             return {
                 "context_tier": prepared.context_tier,
                 "recipe": server.recipe_name,
                 "preemptions": info["preemptions"],
-            }
-
-        def chunk(delta: dict | str | None, reason: str | None) -> dict:
-            if chat:
-                choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": reason}
-                kind = "chat.completion.chunk"
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
-                kind = "text_completion"
-            return {
-                "id": request_id,
-                "object": kind,
-                "created": created,
-                "model": config.model_name,
-                "choices": [choice],
             }
 
         if not stream:
@@ -658,50 +535,36 @@ def create_app(server: Server) -> FastAPI:
                 raise
             finally:
                 watcher.cancel()
-            content = "".join(parts)
-            if chat:
-                choice = {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": reason,
-                }
-            else:
-                choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
             server.metrics.inc("requests_total", route=route, status="200")
-            return {
-                "id": request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": created,
-                "model": config.model_name,
-                "choices": [choice],
-                "usage": usage(info),
-                "kvsqueeze": extension(info),
-            }
+            return reply.whole("".join(parts), reason, counted_usage(info), extension(info))
 
-        async def sse():
+        async def events_stream():
             try:
                 if chat:
-                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                    yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
                 async for delta, finish, info in events():
                     if delta:
-                        yield _sse(chunk({"content": delta} if chat else delta, None))
+                        yield sse(reply.chunk({"content": delta} if chat else delta, None))
                     if finish is not None:
-                        final = chunk({} if chat else "", finish)
+                        final = reply.chunk({} if chat else "", finish)
                         final["kvsqueeze"] = extension(info)
-                        yield _sse(final)
+                        yield sse(final)
                         if include_usage:
-                            yield _sse({**chunk(None, None), "choices": [], "usage": usage(info)})
+                            yield sse(
+                                {**reply.chunk(None, None), "choices": [], "usage": counted_usage(info)}
+                            )
                         else:
-                            usage(info)
+                            counted_usage(info)
                 server.metrics.inc("requests_total", route=route, status="200")
                 yield "data: [DONE]\n\n"
             except APIError as error:
-                yield _sse({"error": {"message": error.message, "type": "server_error", "code": error.code}})
+                yield sse({"error": {"message": error.message, "type": "server_error", "code": error.code}})
             finally:
                 server.runner.cancel(seq)  # a no-op when finished; frees the row if the client left
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events_stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     async def store_recomputed(prepared: Prepared, entry: Entry) -> None:
         entry.meta["head"] = prepared.save_context.meta.get("head", "")
@@ -709,7 +572,3 @@ def create_app(server: Server) -> FastAPI:
         await asyncio.to_thread(server.store.put, prepared.context_key, entry)
 
     return app
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
