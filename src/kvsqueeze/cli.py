@@ -194,7 +194,8 @@ def _add_eval_parser(commands) -> None:
         "--preset",
         choices=["leaderboard"],
         help="leaderboard: every method at ratios 0.5, 0.75, 0.875 on the default suite, "
-        "written to docs/leaderboard unless --out is given (--recipes/--tasks/--lengths/--samples ignored)",
+        "written to docs/leaderboard (another --model: docs/leaderboard-<model name>) unless --out "
+        "is given (--recipes/--tasks/--lengths/--samples ignored)",
     )
     ev.add_argument(
         "--fidelity-tokens",
@@ -383,7 +384,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.preset == "leaderboard":
         options = leaderboard.preset()
-        out = args.out or Path(leaderboard.OUT_DIR)
+        out = args.out or leaderboard.out_dir(args.model)
     else:
         if args.out is None:
             raise UsageError("--out DIR is required (where results.jsonl and summary.md go)")

@@ -10,9 +10,12 @@ every key reducer on its own and on top of ``kvzip+global`` at each ratio.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvsqueeze.budgets import BUDGETS
 from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE
 from kvsqueeze.keys import KEY_REDUCERS
+from kvsqueeze.models import DEFAULT_MODEL
 from kvsqueeze.quantizers import QUANTIZERS
 from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
@@ -20,6 +23,7 @@ from kvsqueeze.scorers import SCORERS
 RATIOS = (0.5, 0.75, 0.875)
 SAMPLES = 2  # x 3 tasks x 63 recipes; the README gives the wall time measured on 2 cores with 55
 OUT_DIR = "docs/leaderboard"
+"""Where the default model's leaderboard goes; another model's goes to ``OUT_DIR-<model name>``."""
 
 
 def leaderboard_recipes(ratios: tuple[float, ...] = RATIOS) -> list[str]:
@@ -42,6 +46,14 @@ def leaderboard_recipes(ratios: tuple[float, ...] = RATIOS) -> list[str]:
         except RecipeError:
             continue
     return recipes
+
+
+def out_dir(model: str) -> Path:
+    """The preset's output directory for ``model`` (an embedded name, HF id or local path), so
+    one model's leaderboard never overwrites another's."""
+    if model == DEFAULT_MODEL:
+        return Path(OUT_DIR)
+    return Path(f"{OUT_DIR}-{Path(model.rstrip('/')).name}")
 
 
 def preset() -> dict:

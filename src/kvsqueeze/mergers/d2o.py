@@ -43,7 +43,9 @@ class D2O(Merger):
     saved, batched or reordered cache merges as a fresh one would). The kept token's key and
     value become ``(e x_c + sum_i exp(u_i) x_i) / (e + sum_i exp(u_i))`` over the tokens merged
     into it: D2O's weights, ``e = exp(1)`` the kept token's similarity to itself. Dissimilar
-    evicted tokens are dropped. No options.
+    evicted tokens are dropped. No options. (The authors' code, AIoT-MLSys-Lab/d2o, read for this:
+    its threshold is an EMA across steps of the head-averaged similarity, and it merges only into the
+    recent window, as ``include_self`` means of similarity-scaled states, not the paper's weights.)
     """
 
     name = "d2o"
