@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -135,3 +137,27 @@ def test_results_name_the_layers_the_recipe_compressed(gemma, recipe, compressed
     result = generate(model, tokenizer, CONTEXT, "What is the pass key?", recipe, max_new_tokens=2)
     assert result.layers == 4
     assert result.compressed_layers == compressed  # the sliding layers keep their window as they are
+
+
+@pytest.mark.parametrize("recipe", ["snapkv+sliding@0.5", "snapkv+global+sliding@0.5"])
+def test_a_sliding_layers_ratio_is_a_fraction_of_its_window(gemma, recipe):
+    """With ``sliding``, a sliding layer keeps half of the ``window - 1`` tokens the full cache
+    holds, not half of the context (more than its window): uniformly, or as a share of the same
+    total with ``global``."""
+    model, tokenizer = gemma
+    ids = _context_ids(tokenizer)
+    context = ids.shape[1]
+    assert context > 4 * WINDOW
+    cache = CompressedCache(Recipe.parse(recipe), config=model.config)
+    with torch.no_grad():
+        prefill_context(model, tokenizer, cache, ids, torch.ones_like(ids))
+    held = torch.stack([layer.held_lengths() for layer in cache.layers])  # [layers, B, Hkv]
+    heads = held[0].numel()
+    sliding = [i for i, layer in enumerate(cache.layers) if layer.window is not None]
+    assert sliding == [0, 1, 3]
+    per_head = {
+        i: math.ceil(0.5 * (WINDOW - 1)) if i in sliding else math.ceil(0.5 * context) for i in range(4)
+    }
+    assert int(held.sum()) == heads * sum(per_head.values())
+    if "global" not in recipe:
+        assert all(bool((held[i] == per_head[i]).all()) for i in range(4))

@@ -201,6 +201,16 @@ def new_context_tokens(cache: CompressedCache, observed: list[tuple[int, Observa
     return real.sum(-1)
 
 
+def budget_base(cache: CompressedCache, layer: PagedLayer) -> torch.Tensor:
+    """``[B]`` what a layer's ratio applies to: the context tokens seen, or for a sliding-window
+    layer at most the ``window - 1`` tokens transformers' own cache holds for it (a ratio is a
+    fraction of what the full cache holds, and a budget beyond the window would be spent by
+    ``global`` on the full-attention layers)."""
+    if layer.window is None:
+        return cache.context_tokens
+    return cache.context_tokens.clamp(max=layer.window - 1)
+
+
 def compress(cache: CompressedCache) -> None:
     """Compress every layer the last forward observed, with the cache's recipe (see module doc)."""
     recipe = cache.recipe
@@ -226,7 +236,7 @@ def compress(cache: CompressedCache) -> None:
             protected = inputs.valid & (view.slots >= cache.protect_from)
         if demotes:  # quantized tokens were demoted or kept once: never decided again
             protected = protected | (inputs.valid & ~view.in_dense)
-        rankings.append(recipe.rank(inputs, cache.context_tokens, protected, cache.budget_state))
+        rankings.append(recipe.rank(inputs, budget_base(cache, layer), protected, cache.budget_state))
         # a merge reads the layer's keys/values once select has decided (every layer's then stay
         # in memory until the budget has seen them all); without one they are freed right away
         views.append(view if recipe.merge is not None else view.release())

@@ -15,7 +15,8 @@ class SlidingLayers(Component):
     Without it a recipe leaves every sliding-window layer as transformers' own cache leaves it: its
     last ``window - 1`` tokens, uncompressed, since such a layer never holds more than its window.
     With it, the recipe's scorer, budget, merge, key reducer and quantizer act on those layers as on
-    the full-attention ones (and the layer still lets go of what slid out of its window). On a
+    the full-attention ones (and the layer still lets go of what slid out of its window); there a
+    ratio is a fraction of the ``window - 1`` tokens the layer would hold, not of the context. On a
     model whose every layer slides (Mistral), a recipe without it compresses nothing.
     """
 
