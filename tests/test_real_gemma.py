@@ -114,3 +114,26 @@ def test_snapkv_compresses_the_full_layers_and_keeps_the_windows(gemma, sample, 
     answer = answer_text(tokenizer, decode(model, cache, logits, mask, eos, max_new_tokens=7)[0], eos)
     (key,) = sample.answers[0]
     assert contains_answer(answer, key), answer
+
+
+@pytest.mark.parametrize("recipe", ["kvzip+global@0.75", "kvzip+global+sliding@0.75"])
+def test_kvzip_answers_a_2k_pass_key_and_holds_less_than_dynamic_cache(gemma, recipe):
+    """The best query-agnostic recipe at ratio 0.75 on a ~2k-token prompt: the full-attention
+    layers (or, with ``sliding``, every layer) compressed, bytes against transformers' own cache."""
+    model, tokenizer = gemma
+    sample = make_sample(tokenizer, "passkey", 2048, index=3)
+    question, prefix = sample.questions[0], sample.answer_prefix
+    result = generate(
+        model, tokenizer, sample.context, question, recipe, max_new_tokens=7, answer_prefix=prefix
+    )
+    (key,) = sample.answers[0]
+    assert contains_answer(result.answer, key), result.answer
+    sliding = "sliding" in recipe
+    assert result.compressed_layers == (list(range(18)) if sliding else [5, 11, 17])
+    # the full-attention layers hold a quarter of their 2k tokens; the 15 windows (511 tokens) a
+    # quarter too with sliding, else all of them
+    window = model.config.sliding_window - 1
+    context = result.context_tokens
+    kept = 3 * context / 4 + 15 * (window / 4 if sliding else window)
+    full = 3 * context + 15 * window
+    assert result.kv_bytes < result.kv_bytes_full * (kept / full + 0.05)
