@@ -95,6 +95,42 @@ def test_continuous_batching_matches_each_request_alone(recipe):
     assert runner.cache is None and not runner.scheduler.has_work()
 
 
+@pytest.mark.parametrize(
+    "recipe",
+    ["full", "knorm+words@0.5", "snapkv:window=4@0.5", "h2o@0.5", "snapkv+kivi2:residual=0@0.5", "kivi4"],
+)
+def test_a_context_fed_in_pieces_on_chunk_boundaries_equals_one_call(tiny, recipe):
+    """What the server's token budget per step does to a long context: the same forwards, so the
+    same bytes held, tensors and logits, quantization included (done once, after the last piece)."""
+    model, tokenizer = tiny
+    install(model)
+    recipe = Recipe.parse(recipe)
+    strategy = recipe.prefill_strategy(tokenizer)
+    ids = torch.tensor([tokenizer.encode("The pass key is 4417093, not 51. " * 6)])
+    assert ids.shape[1] % CHUNK and ids.shape[1] > 5 * CHUNK
+    mask = torch.ones_like(ids)
+    whole, split = CompressedCache(recipe), CompressedCache(recipe)
+    expected = strategy.prefill(model, whole, ids, mask, CHUNK)
+    for start, stop in ((0, 2 * CHUNK), (2 * CHUNK, 3 * CHUNK), (3 * CHUNK, ids.shape[1])):
+        logits = strategy.prefill(model, split, ids, mask, CHUNK, start=start, stop=stop)
+    assert torch.equal(logits, expected) and split.nbytes() == whole.nbytes()
+    tensors, meta = split.state_dict()
+    expected_tensors, expected_meta = whole.state_dict()
+    assert meta == expected_meta and tensors.keys() == expected_tensors.keys()
+    assert all(torch.equal(tensors[name], expected_tensors[name]) for name in tensors)
+
+
+def test_a_reconstruction_pass_cannot_be_fed_in_pieces(tiny):
+    model, tokenizer = tiny
+    strategy = Recipe.parse("kvzip@0.5").prefill_strategy(tokenizer)
+    assert not strategy.feeds_in_pieces
+    ids = torch.tensor([tokenizer.encode("The pass key is 4417093. " * 4)])
+    with pytest.raises(ValueError, match="cannot be fed in pieces"):
+        strategy.prefill(
+            install(model), CompressedCache(Recipe.parse("kvzip@0.5")), ids, ids, CHUNK, stop=CHUNK
+        )
+
+
 def test_words_are_kept_whole_in_the_server_as_in_the_engine(tiny):
     model, tokenizer = tiny
     install(model)
