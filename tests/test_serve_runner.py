@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -278,23 +280,73 @@ def test_cancel_removes_the_row_and_others_continue():
     assert seqs[1].sink.tokens == reference(model, recipe, seqs[1].context, seqs[1].prompt, 6)
 
 
-def test_a_step_prefills_a_bounded_number_of_tokens_so_running_rows_keep_decoding():
+def test_a_prefill_is_fed_within_each_step_s_tokens_and_resumes_in_the_next_step():
+    """Two chunks a step next to one decoding row: a 5-chunk context and its prompt take three
+    steps (16, 16, then 8 + 4), the row decodes at every one; one chunk a step at the least."""
     model = install(tiny_model("llama"))
-    recipe = Recipe.parse("full")
-    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, prefill_tokens_per_step=1)
-    first, second, third = make_requests([(10, 3, 8), (12, 4, 8), (9, 2, 8)])
+    recipe = Recipe.parse("knorm@0.5")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=2 * CHUNK + 1)
+    first, second = make_requests([(10, 3, 12), (5 * CHUNK, 4, 6)])
     runner.submit(first)
     runner.step()
     runner.submit(second)
-    runner.submit(third)
-    runner.step()
-    assert [seq.id for seq in runner.scheduler.running] == [first.id, second.id]
-    assert list(runner.scheduler.waiting) == [third]
-    assert len(first.sink.tokens) == 3  # prefill token, then one decode token per step
-    for _ in range(30):
+    fed = []
+    for _ in range(3):
         runner.step()
+        fed.append(runner.stats.step_prefill_tokens)
+    assert fed == [2 * CHUNK, 2 * CHUNK, CHUNK + 4]
+    assert [seq.id for seq in runner.scheduler.running] == [first.id, second.id]
+    assert len(first.sink.tokens) == 5 and len(second.sink.tokens) == 2
+    for _ in range(12):
+        runner.step()
+    tight = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=1)
+    third = make_requests([(3 * CHUNK, 2, 3)])[0]
+    run_until_done(tight, [third])
+    assert tight.stats.max_step_prefill_tokens == CHUNK
     for seq in (first, second, third):
         assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+
+
+def test_a_4k_prompt_joining_does_not_stall_the_decoding_streams_and_answers_as_alone():
+    """Sarathi-Serve's stall: four streams decoding, then a ~4k-token prompt joins. Between two
+    tokens of a stream the model runs at most one step's tokens (a step: <= ``max_step_tokens``,
+    prefill included), where prefilling the whole prompt in one step ran 4k; the prompt, fed in
+    pieces over several steps, answers as it does alone."""
+    model = install(tiny_model("llama", max_position_embeddings=8192))
+    recipe = Recipe.parse("snapkv:window=4@0.5")
+    budget, chunk = 1024, 256
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=chunk, max_step_tokens=budget)
+    streams = make_requests([(21, 3, 24), (0, 9, 24), (13, 5, 24), (30, 4, 24)])
+    long = Sequence(context=tokens(1, 4000), prompt=tokens(2, 8), max_tokens=6, sink=Collector())
+    emitted, work, prefilled = [], [], []
+    for step in range(40):
+        for seq in streams if step == 0 else [long] if step == 2 else []:
+            runner.submit(seq)
+        before = runner.stats.prefill_tokens + runner.stats.decode_tokens
+        rows = len(runner.scheduler.running)
+        runner.step()
+        work.append(runner.stats.prefill_tokens + runner.stats.decode_tokens - before)
+        prefilled.append((runner.stats.step_prefill_tokens, rows))
+        emitted.append([len(seq.sink.tokens) for seq in [*streams, long]])
+        if all(seq.sink.ended for seq in [*streams, long]):
+            break
+    joined = next(step for step, counts in enumerate(emitted) if counts[-1])
+    assert len(prefilled) > 8 and all(fed <= budget - rows for fed, rows in prefilled)
+    for index in range(len(streams)):
+        counts = [0] + [row[index] for row in emitted]
+        steps = [step for step in range(len(emitted)) if counts[step + 1] > counts[step]]
+        assert [b - a for a, b in itertools.pairwise(steps)] == [1] * (len(steps) - 1)
+        # what the model ran between two tokens of the stream: one step's tokens at most
+        assert max(sum(work[a + 1 : b + 1]) for a, b in itertools.pairwise(steps)) <= budget
+    assert sum(fed for fed, _ in prefilled) == len(long.context) + len(long.prompt) + sum(
+        len(seq.context) + len(seq.prompt) for seq in streams
+    )
+    assert joined >= 2 + 5  # 4008 tokens, 3 chunks (768) a step next to 4 decoding rows
+    assert long.sink.tokens == reference(model, recipe, long.context, long.prompt, 6, chunk=chunk)
+    for seq in streams:
+        assert seq.sink.tokens == reference(
+            model, recipe, seq.context, seq.prompt, seq.max_tokens, chunk=chunk
+        )
 
 
 @pytest.mark.parametrize(
