@@ -67,13 +67,19 @@ def make_requests(specs):
 
 
 def run_until_done(runner, seqs, arrivals=None, limit=500):
+    """Submit ``seqs`` at their ``arrivals`` steps and step until they and every request in
+    flight ended."""
     arrivals = arrivals or [0] * len(seqs)
     for step in range(limit):
         for seq, at in zip(seqs, arrivals, strict=True):
             if at == step:
                 runner.submit(seq)
         runner.step()
-        if all(seq.sink.ended for seq in seqs) and step >= max(arrivals):
+        if (
+            all(seq.sink.ended for seq in seqs)
+            and step >= max(arrivals, default=0)
+            and not runner.in_flight()
+        ):
             return
     raise AssertionError("requests did not finish")
 
@@ -196,14 +202,16 @@ def test_the_server_refuses_a_kvzip_context_only_with_no_room_for_a_piece_of_cop
     )
 
 
-def test_small_budget_waits_and_preempts_without_mixing_answers():
+@pytest.mark.parametrize("step_tokens", [1, 4 * CHUNK])
+def test_small_budget_waits_and_preempts_without_mixing_answers(step_tokens):
+    """Prefills fed a chunk a step (preempted while carried over too) or whole."""
     model = install(tiny_model("llama"))
     recipe = Recipe.parse("knorm@0.5")
     probe = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
     specs = [(16, 4, 12), (16, 6, 12), (24, 3, 12), (8, 5, 12), (16, 2, 12)]
     # room for about two requests at a time, so others wait and growing rows get preempted
     budget = probe.bytes_needed_alone(24, 3, 12) * 2
-    runner = Runner(model, recipe, kv_memory=budget, chunk_size=CHUNK)
+    runner = Runner(model, recipe, kv_memory=budget, chunk_size=CHUNK, max_step_tokens=step_tokens)
     seqs = make_requests(specs)
     peak = 0
     for seq in seqs:
@@ -263,6 +271,40 @@ def test_chain_hashes_chain_every_block_the_last_one_partial():
     assert chain_hashes(list(range(16)), 8) == chain_hashes(list(range(20)), 8)[:2]
     assert chain_hashes(list(range(20)), 8)[2] != chain_hashes(list(range(21)), 8)[2]
     assert chain_hashes([1, *range(1, 16)], 8)[1] != chain_hashes(list(range(16)), 8)[1]
+
+
+def test_a_prefill_carried_over_steps_can_be_cancelled_or_fail_alone(monkeypatch):
+    """One chunk a step: a request cancelled halfway through its prefill, and one whose fourth
+    chunk raises, end alone; the decoding row and the next request answer as alone."""
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm@0.5")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=CHUNK + 1)
+    running, cancelled, failing, later = make_requests(
+        [(10, 3, 10), (4 * CHUNK, 2, 4), (5 * CHUNK, 2, 4), (9, 2, 4)]
+    )
+    runner.submit(running)
+    runner.step()
+    runner.submit(cancelled)
+    runner.step()
+    runner.step()
+    assert runner.in_flight() == 2 and cancelled.sink.tokens == []
+    runner.cancel(cancelled)
+    runner.step()
+    assert cancelled.sink.done["finish_reason"] == "cancelled" and runner.in_flight() == 1
+    poisoned = Poisoned(model.forward, limit=3 * CHUNK)  # the running row stays below
+    monkeypatch.setattr(model, "forward", poisoned)
+    runner.submit(failing)
+    runner.submit(later)
+    for _ in range(4):
+        runner.step()
+    monkeypatch.undo()
+    (error,) = [value for event, value in failing.sink.events if event == "error"]
+    assert error == "prefill failed: injected failure" and poisoned.raised == 1
+    run_until_done(runner, [])
+    assert len(running.sink.tokens) > 5  # it decoded at every step meanwhile
+    for seq in (running, later):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+    assert runner.cache is None and not runner.in_flight()
 
 
 def test_cancel_removes_the_row_and_others_continue():

@@ -70,6 +70,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     max_request_bytes: int = 4 << 20
     max_running: int = 64
+    max_step_tokens: int | None = None  # None: two chunks
     max_waiting: int = 256
     store_ttl: float = 7 * 86400
     restart_delay: float = 1.0
@@ -145,6 +146,7 @@ class Server:
             prefix_cache=prefix,
             eos_ids=eos_ids(model, tokenizer),
             max_running=config.max_running,
+            max_step_tokens=config.max_step_tokens,
             tokenizer=tokenizer,
         )
         self.supervisor = Supervisor(self.runner, config.restart_delay)

@@ -100,7 +100,8 @@ class Runner:
     max_running : cap on the running batch size.
     max_step_tokens : tokens a step holds: its running rows' decode tokens, and prefill tokens
         (context in whole chunks) for the rest; at least one chunk is prefilled when a sequence
-        waits, so keep it at least ``chunk_size`` above the running batch.
+        waits, so keep it at least ``chunk_size`` above the running batch (default: two chunks;
+        the chunks' forwards are the same for any value, it sets how many run between decodes).
     tokenizer : needed by recipes that read the context's tokens: a unit (``words``), KVzip.
     """
 
@@ -113,7 +114,7 @@ class Runner:
         prefix_cache: PrefixCache | None = None,
         eos_ids: set[int] | frozenset[int] = frozenset(),
         max_running: int = 64,
-        max_step_tokens: int = 2048,
+        max_step_tokens: int | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         self.strategy = recipe.prefill_strategy(tokenizer)
@@ -124,7 +125,7 @@ class Runner:
         self.chunk_size = chunk_size
         self.prefix_cache = prefix_cache if self.strategy.reuses_prefix_states else None
         self.eos_ids = frozenset(eos_ids)
-        self.max_step_tokens = max_step_tokens
+        self.max_step_tokens = max_step_tokens or 2 * chunk_size
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
         element = model.dtype.itemsize
         # keys + values, and the int32 slot a stacked or compressed row stores per token
