@@ -168,7 +168,9 @@ class Server:
         metrics.describe("context_cache_misses_total", "counter", "stored contexts absent or recomputed")
         metrics.describe("context_store_corrupt_total", "counter", "corrupt store entries detected")
         metrics.gauge("kv_bytes_in_use", lambda: runner.stats.kv_bytes)
-        metrics.describe("kv_bytes_in_use", "gauge", "bytes held by the running batch's KV cache")
+        metrics.describe(
+            "kv_bytes_in_use", "gauge", "bytes held by the running batch's KV cache and a prefill in progress"
+        )
         metrics.gauge("kv_bytes_peak", lambda: runner.stats.peak_kv_bytes)
         metrics.describe("kv_bytes_peak", "gauge", "highest kv_bytes_in_use seen")
         metrics.gauge("kv_bytes_budget", lambda: self.config.kv_memory)
@@ -183,6 +185,10 @@ class Server:
         metrics.describe("preemptions_total", "counter", "sequences preempted (recomputed later)")
         metrics.gauge("prefill_tokens_total", lambda: runner.stats.prefill_tokens)
         metrics.describe("prefill_tokens_total", "counter", "tokens run through prefill")
+        metrics.gauge("step_prefill_tokens_max", lambda: runner.stats.max_step_prefill_tokens)
+        metrics.describe(
+            "step_prefill_tokens_max", "gauge", "most tokens one step prefilled (--max-step-tokens bounds it)"
+        )
         metrics.gauge("runner_restarts_total", lambda: self.supervisor.restarts)
         metrics.describe("runner_restarts_total", "counter", "model runner threads restarted after dying")
         metrics.gauge("decode_steps_total", lambda: runner.stats.steps)
