@@ -43,11 +43,13 @@ serve: $(STAMP)
 redis:
 	@bash scripts/install-redis.sh
 
-# time to first token (cold vs RAM/disk/Redis hit) and capacity (full vs compressed) of the server
+# time to first token (cold vs RAM/disk/Redis hit), capacity (full vs compressed) and the stall a
+# long prompt causes (token budget per step vs whole prefill) of the server
 bench-serve: $(STAMP)
 	@bash scripts/install-redis.sh
 	$(BIN)/python benchmarks/serve_ttft.py
 	$(BIN)/python benchmarks/serve_capacity.py
+	$(BIN)/python benchmarks/serve_stall.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py

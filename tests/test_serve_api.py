@@ -123,7 +123,9 @@ def test_bounded_concurrent_requests_complete_under_a_small_kv_budget(real_model
         assert (
             "kvsqueeze_kv_bytes_peak" in metrics
             and "kvsqueeze_time_to_first_token_seconds_count 6" in metrics
+            and f"kvsqueeze_step_prefill_tokens_max {stats.max_step_prefill_tokens}" in metrics
         )
+        assert 0 < stats.max_step_prefill_tokens <= server.runner.max_step_tokens
 
 
 def test_context_is_prefilled_once_and_matches_the_library(served, real_model):

@@ -94,12 +94,24 @@ def test_bad_option_values_exit_2_with_an_error_line(capsys, option, value, mess
     assert f"error: argument {option}: {message}" in capsys.readouterr().err
 
 
+def test_a_step_budget_below_one_chunk_is_an_error_line_before_loading_the_model(capsys):
+    from kvsqueeze.cli import main
+
+    argv = ["serve", "--chunk-size", "128", "--max-step-tokens", "100", "--model", "/no/such/model"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: --max-step-tokens 100 is less than one chunk: a step prefills at least one --chunk-size "
+        "chunk (128 tokens); use at least 128"
+    )
+
+
 def test_durations_and_the_help_of_the_new_options(capsys):
     assert [parse_seconds(text) for text in ("30", "90s", "1.5m", "12h", "7d")] == [30, 90, 90, 43200, 604800]
     parser = argparse.ArgumentParser(prog="kvsqueeze")
     add_serve_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve"])
     assert (args.max_waiting, args.drain_seconds, args.store_ttl) == (256, 30.0, 7 * 86400)
+    assert args.max_step_tokens is None
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -108,5 +120,7 @@ def test_durations_and_the_help_of_the_new_options(capsys):
         ENVIRONMENT_VARIABLE,
         "429 with Retry-After",
         "refuse new requests (503)",
+        "--max-step-tokens N",
+        "a long prompt delays the running answers by one step at a time",
     ):
         assert phrase in help_text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -65,13 +67,19 @@ def make_requests(specs):
 
 
 def run_until_done(runner, seqs, arrivals=None, limit=500):
+    """Submit ``seqs`` at their ``arrivals`` steps and step until they and every request in
+    flight ended."""
     arrivals = arrivals or [0] * len(seqs)
     for step in range(limit):
         for seq, at in zip(seqs, arrivals, strict=True):
             if at == step:
                 runner.submit(seq)
         runner.step()
-        if all(seq.sink.ended for seq in seqs) and step >= max(arrivals):
+        if (
+            all(seq.sink.ended for seq in seqs)
+            and step >= max(arrivals, default=0)
+            and not runner.in_flight()
+        ):
             return
     raise AssertionError("requests did not finish")
 
@@ -93,6 +101,42 @@ def test_continuous_batching_matches_each_request_alone(recipe):
         assert seq.sink.done["finish_reason"] == "length"
     assert runner.stats.max_running >= 3
     assert runner.cache is None and not runner.scheduler.has_work()
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    ["full", "knorm+words@0.5", "snapkv:window=4@0.5", "h2o@0.5", "snapkv+kivi2:residual=0@0.5", "kivi4"],
+)
+def test_a_context_fed_in_pieces_on_chunk_boundaries_equals_one_call(tiny, recipe):
+    """What the server's token budget per step does to a long context: the same forwards, so the
+    same bytes held, tensors and logits, quantization included (done once, after the last piece)."""
+    model, tokenizer = tiny
+    install(model)
+    recipe = Recipe.parse(recipe)
+    strategy = recipe.prefill_strategy(tokenizer)
+    ids = torch.tensor([tokenizer.encode("The pass key is 4417093, not 51. " * 6)])
+    assert ids.shape[1] % CHUNK and ids.shape[1] > 5 * CHUNK
+    mask = torch.ones_like(ids)
+    whole, split = CompressedCache(recipe), CompressedCache(recipe)
+    expected = strategy.prefill(model, whole, ids, mask, CHUNK)
+    for start, stop in ((0, 2 * CHUNK), (2 * CHUNK, 3 * CHUNK), (3 * CHUNK, ids.shape[1])):
+        logits = strategy.prefill(model, split, ids, mask, CHUNK, start=start, stop=stop)
+    assert torch.equal(logits, expected) and split.nbytes() == whole.nbytes()
+    tensors, meta = split.state_dict()
+    expected_tensors, expected_meta = whole.state_dict()
+    assert meta == expected_meta and tensors.keys() == expected_tensors.keys()
+    assert all(torch.equal(tensors[name], expected_tensors[name]) for name in tensors)
+
+
+def test_a_reconstruction_pass_cannot_be_fed_in_pieces(tiny):
+    model, tokenizer = tiny
+    strategy = Recipe.parse("kvzip@0.5").prefill_strategy(tokenizer)
+    assert not strategy.feeds_in_pieces
+    ids = torch.tensor([tokenizer.encode("The pass key is 4417093. " * 4)])
+    with pytest.raises(ValueError, match="cannot be fed in pieces"):
+        strategy.prefill(
+            install(model), CompressedCache(Recipe.parse("kvzip@0.5")), ids, ids, CHUNK, stop=CHUNK
+        )
 
 
 def test_words_are_kept_whole_in_the_server_as_in_the_engine(tiny):
@@ -158,14 +202,16 @@ def test_the_server_refuses_a_kvzip_context_only_with_no_room_for_a_piece_of_cop
     )
 
 
-def test_small_budget_waits_and_preempts_without_mixing_answers():
+@pytest.mark.parametrize("step_tokens", [1, 4 * CHUNK])
+def test_small_budget_waits_and_preempts_without_mixing_answers(step_tokens):
+    """Prefills fed a chunk a step (preempted while carried over too) or whole."""
     model = install(tiny_model("llama"))
     recipe = Recipe.parse("knorm@0.5")
     probe = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK)
     specs = [(16, 4, 12), (16, 6, 12), (24, 3, 12), (8, 5, 12), (16, 2, 12)]
     # room for about two requests at a time, so others wait and growing rows get preempted
     budget = probe.bytes_needed_alone(24, 3, 12) * 2
-    runner = Runner(model, recipe, kv_memory=budget, chunk_size=CHUNK)
+    runner = Runner(model, recipe, kv_memory=budget, chunk_size=CHUNK, max_step_tokens=step_tokens)
     seqs = make_requests(specs)
     peak = 0
     for seq in seqs:
@@ -227,6 +273,40 @@ def test_chain_hashes_chain_every_block_the_last_one_partial():
     assert chain_hashes([1, *range(1, 16)], 8)[1] != chain_hashes(list(range(16)), 8)[1]
 
 
+def test_a_prefill_carried_over_steps_can_be_cancelled_or_fail_alone(monkeypatch):
+    """One chunk a step: a request cancelled halfway through its prefill, and one whose fourth
+    chunk raises, end alone; the decoding row and the next request answer as alone."""
+    model = install(tiny_model("llama"))
+    recipe = Recipe.parse("knorm@0.5")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=CHUNK + 1)
+    running, cancelled, failing, later = make_requests(
+        [(10, 3, 10), (4 * CHUNK, 2, 4), (5 * CHUNK, 2, 4), (9, 2, 4)]
+    )
+    runner.submit(running)
+    runner.step()
+    runner.submit(cancelled)
+    runner.step()
+    runner.step()
+    assert runner.in_flight() == 2 and cancelled.sink.tokens == []
+    runner.cancel(cancelled)
+    runner.step()
+    assert cancelled.sink.done["finish_reason"] == "cancelled" and runner.in_flight() == 1
+    poisoned = Poisoned(model.forward, limit=3 * CHUNK)  # the running row stays below
+    monkeypatch.setattr(model, "forward", poisoned)
+    runner.submit(failing)
+    runner.submit(later)
+    for _ in range(4):
+        runner.step()
+    monkeypatch.undo()
+    (error,) = [value for event, value in failing.sink.events if event == "error"]
+    assert error == "prefill failed: injected failure" and poisoned.raised == 1
+    run_until_done(runner, [])
+    assert len(running.sink.tokens) > 5  # it decoded at every step meanwhile
+    for seq in (running, later):
+        assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+    assert runner.cache is None and not runner.in_flight()
+
+
 def test_cancel_removes_the_row_and_others_continue():
     model = install(tiny_model("llama"))
     recipe = Recipe.parse("full")
@@ -242,23 +322,73 @@ def test_cancel_removes_the_row_and_others_continue():
     assert seqs[1].sink.tokens == reference(model, recipe, seqs[1].context, seqs[1].prompt, 6)
 
 
-def test_a_step_prefills_a_bounded_number_of_tokens_so_running_rows_keep_decoding():
+def test_a_prefill_is_fed_within_each_step_s_tokens_and_resumes_in_the_next_step():
+    """Two chunks a step next to one decoding row: a 5-chunk context and its prompt take three
+    steps (16, 16, then 8 + 4), the row decodes at every one; one chunk a step at the least."""
     model = install(tiny_model("llama"))
-    recipe = Recipe.parse("full")
-    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, prefill_tokens_per_step=1)
-    first, second, third = make_requests([(10, 3, 8), (12, 4, 8), (9, 2, 8)])
+    recipe = Recipe.parse("knorm@0.5")
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=2 * CHUNK + 1)
+    first, second = make_requests([(10, 3, 12), (5 * CHUNK, 4, 6)])
     runner.submit(first)
     runner.step()
     runner.submit(second)
-    runner.submit(third)
-    runner.step()
-    assert [seq.id for seq in runner.scheduler.running] == [first.id, second.id]
-    assert list(runner.scheduler.waiting) == [third]
-    assert len(first.sink.tokens) == 3  # prefill token, then one decode token per step
-    for _ in range(30):
+    fed = []
+    for _ in range(3):
         runner.step()
+        fed.append(runner.stats.step_prefill_tokens)
+    assert fed == [2 * CHUNK, 2 * CHUNK, CHUNK + 4]
+    assert [seq.id for seq in runner.scheduler.running] == [first.id, second.id]
+    assert len(first.sink.tokens) == 5 and len(second.sink.tokens) == 2
+    for _ in range(12):
+        runner.step()
+    tight = Runner(model, recipe, kv_memory=1 << 30, chunk_size=CHUNK, max_step_tokens=1)
+    third = make_requests([(3 * CHUNK, 2, 3)])[0]
+    run_until_done(tight, [third])
+    assert tight.stats.max_step_prefill_tokens == CHUNK
     for seq in (first, second, third):
         assert seq.sink.tokens == reference(model, recipe, seq.context, seq.prompt, seq.max_tokens)
+
+
+def test_a_4k_prompt_joining_does_not_stall_the_decoding_streams_and_answers_as_alone():
+    """Sarathi-Serve's stall: four streams decoding, then a ~4k-token prompt joins. Between two
+    tokens of a stream the model runs at most one step's tokens (a step: <= ``max_step_tokens``,
+    prefill included), where prefilling the whole prompt in one step ran 4k; the prompt, fed in
+    pieces over several steps, answers as it does alone."""
+    model = install(tiny_model("llama", max_position_embeddings=8192))
+    recipe = Recipe.parse("snapkv:window=4@0.5")
+    budget, chunk = 1024, 256
+    runner = Runner(model, recipe, kv_memory=1 << 30, chunk_size=chunk, max_step_tokens=budget)
+    streams = make_requests([(21, 3, 24), (0, 9, 24), (13, 5, 24), (30, 4, 24)])
+    long = Sequence(context=tokens(1, 4000), prompt=tokens(2, 8), max_tokens=6, sink=Collector())
+    emitted, work, prefilled = [], [], []
+    for step in range(40):
+        for seq in streams if step == 0 else [long] if step == 2 else []:
+            runner.submit(seq)
+        before = runner.stats.prefill_tokens + runner.stats.decode_tokens
+        rows = len(runner.scheduler.running)
+        runner.step()
+        work.append(runner.stats.prefill_tokens + runner.stats.decode_tokens - before)
+        prefilled.append((runner.stats.step_prefill_tokens, rows))
+        emitted.append([len(seq.sink.tokens) for seq in [*streams, long]])
+        if all(seq.sink.ended for seq in [*streams, long]):
+            break
+    joined = next(step for step, counts in enumerate(emitted) if counts[-1])
+    assert len(prefilled) > 8 and all(fed <= budget - rows for fed, rows in prefilled)
+    for index in range(len(streams)):
+        counts = [0] + [row[index] for row in emitted]
+        steps = [step for step in range(len(emitted)) if counts[step + 1] > counts[step]]
+        assert [b - a for a, b in itertools.pairwise(steps)] == [1] * (len(steps) - 1)
+        # what the model ran between two tokens of the stream: one step's tokens at most
+        assert max(sum(work[a + 1 : b + 1]) for a, b in itertools.pairwise(steps)) <= budget
+    assert sum(fed for fed, _ in prefilled) == len(long.context) + len(long.prompt) + sum(
+        len(seq.context) + len(seq.prompt) for seq in streams
+    )
+    assert joined >= 2 + 5  # 4008 tokens, 3 chunks (768) a step next to 4 decoding rows
+    assert long.sink.tokens == reference(model, recipe, long.context, long.prompt, 6, chunk=chunk)
+    for seq in streams:
+        assert seq.sink.tokens == reference(
+            model, recipe, seq.context, seq.prompt, seq.max_tokens, chunk=chunk
+        )
 
 
 @pytest.mark.parametrize(

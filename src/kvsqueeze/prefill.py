@@ -9,10 +9,13 @@ chunk ``k`` and resume another request from it). The recipe picks its strategy
 - ``ChunkedPrefill``: ``chunk_size`` tokens per forward, each compressed when it ends: peak =
   kept tokens + one chunk. A recipe that evicts and quantizes keeps the context in 16 bits until
   it is compressed, then quantizes it once (no block loses tokens after its scales were set).
+  It may be fed in pieces (``start``/``stop`` on chunk boundaries, as a server's token budget per
+  step does): the forwards, and so the cache, are those of one call.
 - ``ReconstructionPrefill`` (KVzip): the whole context uncompressed, then, piece by piece, a
   repeat request and a piece of the context's copy, teacher-forced with the copy protected and
   cropped off; the context is compressed once, on the largest attention any piece gave each
-  token. Peak = context + request + one piece, uncompressed; no reusable intermediate state.
+  token. Peak = context + request + one piece, uncompressed; no reusable intermediate state, and
+  it cannot be fed in pieces (it compresses the whole context at once).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class PrefillStrategy:
     sees_question = True
     """Whether a question prefilled after the context takes part in its compression (query-aware
     mode); False when the context is compressed on a pass of its own."""
+    feeds_in_pieces = True
+    """Whether ``prefill`` may stop at a chunk boundary (``stop``) and resume there (``start``) in a
+    later call with the same result as one call; False when the context is compressed at once."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None):
         self.tokenizer = tokenizer
@@ -108,11 +114,14 @@ class PrefillStrategy:
         chunk_size: int | None = None,
         start: int = 0,
         on_chunk: Callable[[int], None] | None = None,
+        stop: int | None = None,
     ) -> torch.Tensor:
         """Feed the context ``ids [B, n]`` from token ``start`` on (the cache holds the first
-        ``start``, e.g. a reused prefix state; ``mask [B, n]`` covers the whole context).
-        ``on_chunk(stop)`` runs once the cache holds a reusable state of ``ids[:, :stop]``.
-        Returns the logits of the last context position ``[B, vocab]``."""
+        ``start``, e.g. a reused prefix state; ``mask [B, n]`` covers the whole context) up to
+        token ``stop`` (default ``n``; a strategy that ``feeds_in_pieces`` resumes there in a later
+        call, both multiples of ``chunk_size``). ``on_chunk(stop)`` runs once the cache holds a
+        reusable state of ``ids[:, :stop]``. Returns the logits of the last position fed
+        ``[B, vocab]``."""
         raise NotImplementedError
 
     def peak_tokens(self, context: int, kept: int, chunk_size: int | None) -> int:
@@ -137,17 +146,23 @@ class PrefillStrategy:
 
 
 class ChunkedPrefill(PrefillStrategy):
-    """``chunk_size`` tokens per forward, compressed as each ends (one forward if None)."""
+    """``chunk_size`` tokens per forward, compressed as each ends (one forward if None); what is
+    kept is quantized once the last piece is fed."""
 
-    def prefill(self, model, cache, ids, mask, chunk_size=None, start=0, on_chunk=None) -> torch.Tensor:
+    def prefill(
+        self, model, cache, ids, mask, chunk_size=None, start=0, on_chunk=None, stop=None
+    ) -> torch.Tensor:
         recipe = cache.recipe
-        report = None if on_chunk is None else (lambda stop: on_chunk(start + stop))
+        stop = ids.shape[1] if stop is None else stop
+        piece, piece_mask = ids[:, start:stop], mask[:, :stop]
+        report = None if on_chunk is None else (lambda end: on_chunk(start + end))
         if recipe is None or not recipe.evicts:
-            return prefill(model, cache, ids[:, start:], mask, chunk_size, report)
+            return prefill(model, cache, piece, piece_mask, chunk_size, report)
         self._set_units(cache, ids, mask)
         with cache.settings(quantize_now=not recipe.encodes_blocks):
-            logits = prefill(model, cache, ids[:, start:], mask, chunk_size, report)
-        cache.settle()
+            logits = prefill(model, cache, piece, piece_mask, chunk_size, report)
+        if stop == ids.shape[1]:
+            cache.settle()
         return logits
 
     def peak_tokens(self, context: int, kept: int, chunk_size: int | None) -> int:
@@ -221,6 +236,7 @@ class ReconstructionPrefill(PrefillStrategy):
 
     reuses_prefix_states = False
     sees_question = False
+    feeds_in_pieces = False
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None = None, chunk: int = 2048):
         super().__init__(tokenizer)
@@ -255,9 +271,11 @@ class ReconstructionPrefill(PrefillStrategy):
             )
         return min(wanted, room)
 
-    def prefill(self, model, cache, ids, mask, chunk_size=None, start=0, on_chunk=None) -> torch.Tensor:
-        if start:
-            raise ValueError("a reconstruction pass compresses a whole context: it cannot resume a prefix")
+    def prefill(
+        self, model, cache, ids, mask, chunk_size=None, start=0, on_chunk=None, stop=None
+    ) -> torch.Tensor:
+        if start or stop not in (None, ids.shape[1]):
+            raise ValueError("a reconstruction pass compresses a whole context: it cannot be fed in pieces")
         self._set_units(cache, ids, mask)
         copies = self._copies(ids, mask)
         longest = int(mask.sum(-1).max())

@@ -81,6 +81,7 @@ class ServeConfig:
     default_max_tokens: int = 256
     max_request_bytes: int = 4 << 20
     max_running: int = 64
+    max_step_tokens: int | None = None  # None: two chunks
     max_waiting: int = 256
     store_ttl: float = 7 * 86400
     restart_delay: float = 1.0
@@ -113,6 +114,7 @@ class Server:
             prefix_cache=prefix,
             eos_ids=eos_ids(model, tokenizer),
             max_running=config.max_running,
+            max_step_tokens=config.max_step_tokens,
             tokenizer=tokenizer,
         )
         self.supervisor = Supervisor(self.runner, config.restart_delay)
@@ -134,7 +136,9 @@ class Server:
         metrics.describe("context_cache_misses_total", "counter", "stored contexts absent or recomputed")
         metrics.describe("context_store_corrupt_total", "counter", "corrupt store entries detected")
         metrics.gauge("kv_bytes_in_use", lambda: runner.stats.kv_bytes)
-        metrics.describe("kv_bytes_in_use", "gauge", "bytes held by the running batch's KV cache")
+        metrics.describe(
+            "kv_bytes_in_use", "gauge", "bytes held by the running batch's KV cache and a prefill in progress"
+        )
         metrics.gauge("kv_bytes_peak", lambda: runner.stats.peak_kv_bytes)
         metrics.describe("kv_bytes_peak", "gauge", "highest kv_bytes_in_use seen")
         metrics.gauge("kv_bytes_budget", lambda: self.config.kv_memory)
@@ -149,6 +153,10 @@ class Server:
         metrics.describe("preemptions_total", "counter", "sequences preempted (recomputed later)")
         metrics.gauge("prefill_tokens_total", lambda: runner.stats.prefill_tokens)
         metrics.describe("prefill_tokens_total", "counter", "tokens run through prefill")
+        metrics.gauge("step_prefill_tokens_max", lambda: runner.stats.max_step_prefill_tokens)
+        metrics.describe(
+            "step_prefill_tokens_max", "gauge", "most tokens one step prefilled (--max-step-tokens bounds it)"
+        )
         metrics.gauge("runner_restarts_total", lambda: self.supervisor.restarts)
         metrics.describe("runner_restarts_total", "counter", "model runner threads restarted after dying")
         metrics.gauge("decode_steps_total", lambda: runner.stats.steps)

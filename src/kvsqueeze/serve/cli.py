@@ -154,6 +154,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-running", type=count(1), default=64, metavar="N", help="largest running batch (default 64)"
     )
     parser.add_argument(
+        "--max-step-tokens",
+        type=count(1),
+        default=None,
+        metavar="N",
+        help="tokens one step of the running batch holds: a decode token per running sequence, the rest "
+        "prefills a joining prompt in whole --chunk-size chunks (at least one), continued at the next "
+        "step, so a long prompt delays the running answers by one step at a time, not its whole "
+        "prefill; at least --chunk-size (default: two chunks, 512 at the default --chunk-size)",
+    )
+    parser.add_argument(
         "--max-waiting",
         type=count(0),
         default=256,
@@ -205,6 +215,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.max_step_tokens is not None and args.max_step_tokens < args.chunk_size:
+        print(
+            f"error: --max-step-tokens {args.max_step_tokens} is less than one chunk: a step prefills at "
+            f"least one --chunk-size chunk ({args.chunk_size} tokens); use at least {args.chunk_size}",
+            file=sys.stderr,
+        )
+        return 2
     if args.threads:
         import torch
 
@@ -234,6 +251,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_request_bytes=args.max_request_bytes,
         max_running=args.max_running,
+        max_step_tokens=args.max_step_tokens,
         max_waiting=args.max_waiting,
         store_ttl=args.store_ttl,
     )

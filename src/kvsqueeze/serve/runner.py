@@ -1,13 +1,20 @@
 """The model runner: owns the model and every KV tensor, runs on one worker thread.
 
-Each step (``step``): take new requests and cancellations from the inbox, admit what fits
-(``Scheduler``), prefill each admitted sequence into its own ``CompressedCache`` (the context as
-the recipe's ``PrefillStrategy`` feeds it, resumed from the prefix cache when the strategy passes
-through reusable chunk-boundary states, or from a stored context; then the prompt tail
-uncompressed), stack it into the running batch, then decode the whole batch one token. Rows are
-aligned at their ends by ``CompressedCache.stack``; each row gets its own position ids and a 2D
-mask that is zero over its ``offsets`` columns. Finished, cancelled and preempted rows leave with
-``batch_select_indices``.
+Each step (``step``) holds at most ``max_step_tokens`` tokens, as Sarathi-Serve's stall-free
+batching does (Agrawal et al., 2024, arXiv:2403.02310): one decode token per running row, and
+the rest for prefill. Take new requests and cancellations from the inbox; feed the sequence being
+prefilled (admitted in an earlier step, or the oldest waiting one that fits, ``Scheduler``) into
+its own ``CompressedCache`` as far as the step's prefill tokens go: its context as the recipe's
+``PrefillStrategy`` feeds it (resumed from the prefix cache when the strategy passes through
+reusable chunk-boundary states, or from a stored context) in whole chunks, then the prompt tail
+uncompressed. What is left waits for the next step (``Prefilling``), so a long prompt never
+stalls the running rows for more than a step. A sequence whose prefill is done is stacked into
+the running batch and the next one starts in the same step if tokens are left; then the whole
+batch decodes one token. A step feeds at least one chunk (or what is left of the tail, if less),
+so a prefill progresses however many rows run; a strategy that compresses the whole context at
+once (``feeds_in_pieces`` False) feeds it in one step. Rows are aligned at their ends by
+``CompressedCache.stack``; each row gets its own position ids and a 2D mask that is zero over its
+``offsets`` columns. Finished, cancelled and preempted rows leave with ``batch_select_indices``.
 
 Failures: a request whose prefill raises fails alone; a decode step that raises is isolated by
 ``_isolate``; any other exception in a step fails the running batch; if the thread itself dies,
@@ -48,11 +55,29 @@ _MAX_IDLE_OFFSET = 4096
 
 
 @dataclass
+class Prefilling:
+    """A sequence admitted and not yet running: its own cache and how far it is fed."""
+
+    seq: Sequence
+    cache: CompressedCache
+    done: int  # context tokens in the cache
+    tail: list[int]  # fed uncompressed after the context
+    tail_done: int = 0
+    logits: torch.Tensor | None = None
+
+    @property
+    def context_left(self) -> int:
+        return len(self.seq.context) - self.done
+
+
+@dataclass
 class RunnerStats:
     """Counters the metrics endpoint reads (written by the worker thread only)."""
 
     steps: int = 0
     prefill_tokens: int = 0
+    step_prefill_tokens: int = 0  # prefill tokens of the last step
+    max_step_prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
     max_running: int = 0
@@ -73,8 +98,10 @@ class Runner:
     prefix_cache : saved chunk-boundary states, or None to disable prefix reuse.
     eos_ids : token ids that end a sequence.
     max_running : cap on the running batch size.
-    prefill_tokens_per_step : once a step has prefilled this many tokens, no more sequences join
-        in that step, so the running batch keeps decoding between long prefills.
+    max_step_tokens : tokens a step holds: its running rows' decode tokens, and prefill tokens
+        (context in whole chunks) for the rest; at least one chunk is prefilled when a sequence
+        waits, so keep it at least ``chunk_size`` above the running batch (default: two chunks;
+        the chunks' forwards are the same for any value, it sets how many run between decodes).
     tokenizer : needed by recipes that read the context's tokens: a unit (``words``), KVzip.
     """
 
@@ -87,7 +114,7 @@ class Runner:
         prefix_cache: PrefixCache | None = None,
         eos_ids: set[int] | frozenset[int] = frozenset(),
         max_running: int = 64,
-        prefill_tokens_per_step: int = 2048,
+        max_step_tokens: int | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ):
         self.strategy = recipe.prefill_strategy(tokenizer)
@@ -98,7 +125,7 @@ class Runner:
         self.chunk_size = chunk_size
         self.prefix_cache = prefix_cache if self.strategy.reuses_prefix_states else None
         self.eos_ids = frozenset(eos_ids)
-        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.max_step_tokens = max_step_tokens or 2 * chunk_size
         layers, kv_heads, head_dim = kv_cache_spec(model.config)
         element = model.dtype.itemsize
         # keys + values, and the int32 slot a stacked or compressed row stores per token
@@ -116,7 +143,7 @@ class Runner:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failure: str | None = None
-        self._joining: Sequence | None = None  # admitted, being prefilled
+        self._joining: Prefilling | None = None
         self._queued = 0  # "add" commands in the inbox
         self._queued_lock = threading.Lock()
 
@@ -171,6 +198,11 @@ class Runner:
         return self.cache.held_tokens(row) * self.entry_bytes
 
     def used(self) -> int:
+        """Bytes the running batch and the sequence being prefilled hold."""
+        joining = 0 if self._joining is None else self._joining.cache.nbytes()
+        return self._batch_bytes() + joining
+
+    def _batch_bytes(self) -> int:
         return 0 if self.cache is None else self.cache.nbytes()
 
     # ---- thread ------------------------------------------------------------------------------
@@ -240,9 +272,9 @@ class Runner:
         return self._fail(failed, message)
 
     def _drop_joining(self) -> list[Sequence]:
-        """The sequence being prefilled when a step failed, if any (it is in no queue then)."""
+        """The sequence being prefilled, if any (it is in no queue then); its cache is dropped."""
         joining, self._joining = self._joining, None
-        return [] if joining is None else [joining]
+        return [] if joining is None else [joining.seq]
 
     def abort(self, message: str) -> None:
         """End every request in flight with ``message`` (at the worker's next step)."""
@@ -266,18 +298,11 @@ class Runner:
     # ---- one step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, block: bool = False) -> None:
-        """Drain the inbox, admit and prefill, then decode the running batch by one token."""
-        self._drain(block and not self.scheduler.has_work())
-        prefilled = 0
-        while prefilled < self.prefill_tokens_per_step or not self.scheduler.running:
-            seq = self.scheduler.admit_one(self.used())
-            if seq is None:
-                break
-            before = self.stats.prefill_tokens
-            self._joining = seq
-            self._join(seq)
-            self._joining = None
-            prefilled += self.stats.prefill_tokens - before
+        """Drain the inbox, prefill within the step's tokens, then decode the running batch by one."""
+        self._drain(block and not self.scheduler.has_work() and self._joining is None)
+        fed = self._prefill_step()
+        self.stats.step_prefill_tokens = fed
+        self.stats.max_step_prefill_tokens = max(self.stats.max_step_prefill_tokens, fed)
         if self.scheduler.running:
             self._decode()
         self.stats.kv_bytes = self.used()
@@ -293,82 +318,158 @@ class Runner:
             if self._take(command, seq) is not None:
                 self.scheduler.add(seq)
             elif command == "abort":
-                self._fail([*self.scheduler.running, *self.scheduler.waiting], seq)
+                self._fail([*self.scheduler.running, *self.scheduler.waiting, *self._drop_joining()], seq)
             elif command == "cancel" and seq.status is not Status.FINISHED:
                 seq.cancelled = True
                 self._finish(seq, "cancelled")
 
-    def _join(self, seq: Sequence) -> None:
+    def _prefill_step(self) -> int:
+        """Feed prefills within what the running rows leave of ``max_step_tokens``; returns the
+        prefill tokens fed. A prefill carried over from the last step that no longer fits next to
+        the grown batch is preempted (it is the newest sequence)."""
+        joining = self._joining
+        if joining is not None and not self.scheduler.fits(self._batch_bytes(), joining.seq):
+            log.info("preempting sequence %d (recompute later) to fit --kv-memory", joining.seq.id)
+            self._preempt_joining()
+        fed = 0
+        while True:
+            joining = self._joining
+            if joining is None:
+                seq = self.scheduler.admit_one(self.used())
+                if seq is None:
+                    return fed
+                self._begin(seq)
+            elif self._prefilled(joining):
+                self._join(joining)
+            else:
+                # rows that join this step decode in it too
+                room = self.max_step_tokens - len(self.scheduler.running) - fed
+                piece = self._feed(joining, room, first=not fed)
+                if not piece and self._joining is joining:
+                    return fed
+                fed += piece
+
+    def _begin(self, seq: Sequence) -> None:
+        """Start ``seq``'s prefill: from a stored context, else the longest saved prefix, else empty."""
+        cache, done = None, 0
         try:
-            cache, logits = self._prefill(seq)
+            if seq.restored is not None:
+                entry: Entry = seq.restored
+                cache = CompressedCache.from_state_dict(entry.tensors, entry.meta["cache"])
+                done = len(seq.context)
+            elif self.prefix_cache is not None and seq.context:
+                hit = self.prefix_cache.lookup(seq.context, seq.scope)
+                if hit is not None:
+                    done, cache = hit
         except Exception as error:
             log.exception("prefill failed for sequence %d", seq.id)
             self._finish(seq, "error", error=f"prefill failed: {error}")
             return
+        if seq.preemptions == 0:
+            seq.cached_tokens = done
+        cache = cache or CompressedCache(self.recipe, config=self.model.config)
+        # a resumed (preempted) sequence refeeds what it generated, all but the pending last token
+        tail = [] if seq.kind == "context" else seq.prompt + seq.output[:-1]
+        self._joining = Prefilling(seq, cache, done, tail)
+        if done == len(seq.context):
+            self._context_fed(self._joining)
+
+    def _feed(self, joining: Prefilling, room: int, first: bool) -> int:
+        """Feed ``joining`` at most ``room`` tokens, at least one chunk (or the tail's rest) if it
+        is the ``first`` piece of the step: whole chunks of context (all of it, as the first piece,
+        for a strategy that cannot feed it in pieces), then tail tokens. Returns how many were fed."""
+        seq = joining.seq
+        room = max(room, self.chunk_size if first else 0)
+        try:
+            if joining.context_left:
+                if self.strategy.feeds_in_pieces:
+                    length = min(joining.context_left, room // self.chunk_size * self.chunk_size)
+                else:
+                    length = joining.context_left if first else 0
+                if length:
+                    self._feed_context(joining, joining.done + length)
+                    if not joining.context_left:
+                        self._context_fed(joining)
+                return length
+            length = min(len(joining.tail) - joining.tail_done, room)
+            if length:
+                self._feed_tail(joining, length)
+            return length
+        except Exception as error:
+            log.exception("prefill failed for sequence %d", seq.id)
+            self._finish(seq, "error", error=f"prefill failed: {error}")
+            return 0
+
+    def _prefilled(self, joining: Prefilling) -> bool:
+        return not joining.context_left and joining.tail_done == len(joining.tail)
+
+    def _context_fed(self, joining: Prefilling) -> None:
+        """The context is in the cache: hand its state to the store if asked to."""
+        seq = joining.seq
+        if seq.kind == "context" or seq.save_context:
+            tensors, meta = joining.cache.state_dict()
+            entry = Entry({k: v.clone() for k, v in tensors.items()}, {"tokens": seq.context, "cache": meta})
+            seq.sink("context", entry)
+
+    def _join(self, joining: Prefilling) -> None:
+        """A finished prefill: a context-only sequence ends; another one starts running."""
+        seq = joining.seq
         if seq.kind == "context":
             self._finish(seq, "stop")
             return
         if not seq.output:
-            seq.output.append(self._sample(seq, logits))
+            seq.output.append(self._sample(seq, joining.logits))
             seq.sink("token", seq.output[-1])
+        self.cache = (
+            joining.cache if self.cache is None else CompressedCache.stack([self.cache, joining.cache])
+        )
+        self._joining = None
         self.scheduler.start(seq)
-        self.cache = cache if self.cache is None else CompressedCache.stack([self.cache, cache])
         self.stats.max_running = max(self.stats.max_running, len(self.scheduler.running))
         self._finish_if_done(seq)
 
-    def _prefill(self, seq: Sequence) -> tuple[CompressedCache, torch.Tensor | None]:
-        cache, done = None, 0
-        if seq.restored is not None:
-            entry: Entry = seq.restored
-            cache = CompressedCache.from_state_dict(entry.tensors, entry.meta["cache"])
-            done = len(seq.context)
-        elif self.prefix_cache is not None and seq.context:
-            hit = self.prefix_cache.lookup(seq.context, seq.scope)
-            if hit is not None:
-                done, cache = hit
-        if seq.preemptions == 0:
-            seq.cached_tokens = done
-        cache = cache or CompressedCache(self.recipe, config=self.model.config)
-        logits = None
-        if done < len(seq.context):
-            logits = self._feed_context(cache, seq, done)
-        if seq.kind == "context" or seq.save_context:
-            tensors, meta = cache.state_dict()
-            entry = Entry({k: v.clone() for k, v in tensors.items()}, {"tokens": seq.context, "cache": meta})
-            seq.sink("context", entry)
-        if seq.kind == "context":
-            return cache, None
-        # a resumed (preempted) sequence refeeds what it generated, all but the pending last token
-        tail = seq.prompt + seq.output[:-1]
-        if tail:
-            logits = self._feed_tail(cache, tail)
-        return cache, logits
+    def _preempt_joining(self) -> None:
+        """Drop the prefill in progress; its sequence goes back to the front of the queue."""
+        for seq in self._drop_joining():
+            self.scheduler.preempt(seq)
+            self.stats.preemptions += 1
 
-    def _feed_context(self, cache: CompressedCache, seq: Sequence, done: int) -> torch.Tensor:
-        """Feed ``seq.context`` from token ``done`` on, as the recipe's prefill strategy does,
+    def _feed_context(self, joining: Prefilling, stop: int) -> None:
+        """Feed the context from ``joining.done`` to ``stop``, as the recipe's prefill strategy does,
         saving prefix states (``worth_saving``) when the strategy passes through reusable ones."""
+        seq, cache = joining.seq, joining.cache
         ids = torch.tensor([seq.context], dtype=torch.long, device=self.model.device)
 
-        def save(stop: int) -> None:
-            if self.prefix_cache is not None and worth_saving(stop, self.chunk_size, len(seq.context)):
-                self.prefix_cache.save(seq.context, stop, cache, seq.scope)
+        def save(end: int) -> None:
+            if self.prefix_cache is not None and worth_saving(end, self.chunk_size, len(seq.context)):
+                self.prefix_cache.save(seq.context, end, cache, seq.scope)
 
         logits = self.strategy.prefill(
-            self.model, cache, ids, torch.ones_like(ids), self.chunk_size, start=done, on_chunk=save
+            self.model,
+            cache,
+            ids,
+            torch.ones_like(ids),
+            self.chunk_size,
+            start=joining.done,
+            on_chunk=save,
+            stop=stop,
         )
-        self.stats.prefill_tokens += len(seq.context) - done
-        return logits[0]
+        self.stats.prefill_tokens += stop - joining.done
+        joining.done, joining.logits = stop, logits[0]
 
-    def _feed_tail(self, cache: CompressedCache, tokens: list[int]) -> torch.Tensor:
-        """Feed the prompt tail (or a resumed sequence's output) uncompressed."""
-        device = self.model.device
+    def _feed_tail(self, joining: Prefilling, length: int) -> None:
+        """Feed the next ``length`` tokens of the prompt tail (or a resumed sequence's output)
+        uncompressed, in one forward."""
+        cache, device = joining.cache, self.model.device
         past = cache.get_seq_length()
+        tokens = joining.tail[joining.tail_done : joining.tail_done + length]
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         mask = torch.ones(1, past + len(tokens), dtype=torch.long, device=device)
         with cache.settings(compress_prefill=False):
             logits = prefill(self.model, cache, ids, mask)
-        self.stats.prefill_tokens += len(tokens)
-        return logits[0]
+        self.stats.prefill_tokens += length
+        joining.tail_done += length
+        joining.logits = logits[0]
 
     def _decode(self) -> None:
         for victim in self.scheduler.to_preempt(self.used(), self.held):
@@ -417,6 +518,7 @@ class Runner:
             self._finish(running[0], "error", error=f"decode failed: {type(error).__name__}: {error}")
             return
         self.cache = None
+        self._preempt_joining()  # behind the suspects, which were admitted before it
         for seq in reversed(running):
             seq.suspect = SUSPECT_STEPS
             self.scheduler.preempt(seq)
@@ -443,6 +545,8 @@ class Runner:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq.status is Status.RUNNING:
             self._drop_rows([seq])
+        elif self._joining is not None and self._joining.seq is seq:
+            self._joining = None
         self.scheduler.finish(seq, reason)
         if error is not None:
             seq.sink("error", error)

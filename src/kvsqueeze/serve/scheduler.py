@@ -8,10 +8,11 @@ prefill (its compressed context plus one chunk, plus its uncompressed prompt tai
 step costs one token per running row. FCFS: the oldest waiting sequence goes first and nobody
 overtakes it. When a decode step would not fit, the most recently admitted sequence is
 preempted: its cache is dropped and it goes back to the front of the queue, to be recomputed
-(prefilled again, with its generated tokens) when memory frees up. The oldest running sequence
-is never preempted, so the batch always makes progress. A ``suspect`` (a row of a batched step
-that raised, recomputed) decodes alone for a few steps, so a row that makes steps fail is found
-and fails by itself.
+(prefilled again, with its generated tokens) when memory frees up. A prefill the runner feeds
+over several steps is the most recent: it is preempted first if it no longer ``fits``. The
+oldest running sequence is never preempted, so the batch always makes progress. A ``suspect``
+(a row of a batched step that raised, recomputed) decodes alone for a few steps, so a row that
+makes steps fail is found and fails by itself.
 """
 
 from __future__ import annotations
@@ -116,10 +117,17 @@ class Scheduler:
         seq = self.waiting[0]
         if self.running and (seq.suspect or any(other.suspect for other in self.running)):
             return None  # a row suspected of failing a batched step decodes alone
-        need = self.estimate(seq) + self.growth(None) + sum(self.growth(other) for other in self.running)
-        if self.running and used + need > self.budget_bytes:
+        if not self.fits(used, seq):
             return None
         return self.waiting.popleft()
+
+    def fits(self, used: int, seq: Sequence) -> bool:
+        """Whether ``seq``'s prefill (its peak) and the running batch's next decode step fit next
+        to ``used`` bytes; asked again before each later step of a prefill fed in pieces."""
+        if not self.running:
+            return True
+        need = self.estimate(seq) + self.growth(None) + sum(self.growth(other) for other in self.running)
+        return used + need <= self.budget_bytes
 
     def start(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING
@@ -142,7 +150,9 @@ class Scheduler:
         return victims
 
     def preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        """Send ``seq`` (running, or admitted and not yet running) back to the front of the queue."""
+        if seq in self.running:
+            self.running.remove(seq)
         seq.status = Status.WAITING
         seq.preemptions += 1
         self.preemptions += 1
