@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kvsqueeze-installed
 
-.PHONY: demo test test-fast test-serve serve bench bench-decode bench-kvzip bench-serve bench-transformers redis eval leaderboard clean
+.PHONY: demo test test-fast test-serve serve bench bench-decode bench-kvzip bench-serve bench-serve-vs-transformers bench-transformers redis eval leaderboard clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve_ttft.py
 	$(BIN)/python benchmarks/serve_capacity.py
 	$(BIN)/python benchmarks/serve_stall.py
+
+# `transformers serve --continuous-batching` then `kvsqueeze serve`, same model files, full cache, fp32,
+# same client (~5 min here); installs accelerate, which `transformers serve` needs to load a model on CPU
+bench-serve-vs-transformers: $(STAMP)
+	$(BIN)/pip install --quiet accelerate==1.15.0
+	$(BIN)/python benchmarks/serve_vs_transformers.py --out docs/serve/serve_vs_transformers.json
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory_vs_budget.py
