@@ -154,7 +154,7 @@ def test_quantized_tokens_are_never_merged_into_nor_re_encoded():
     assert torch.equal(after.values[~view.in_dense & held], dense_values[~view.in_dense & held])
     assert not torch.equal(after.values[view.in_dense & keep], dense_values[view.in_dense & keep])
     with pytest.raises(ValueError, match="only tokens in 16-bit storage"):
-        layer.rewrite(view, view.keys, view.values, held & ~view.in_dense)
+        layer.rewrite(view, {"keys": view.keys, "values": view.values}, held & ~view.in_dense)
     layer.keep(view, keep)
     layer.validate()
 

@@ -111,6 +111,19 @@ class CompressedCache(Cache):
             return None
         return self.recipe
 
+    def host_of(self, layer: PagedLayer) -> PagedLayer | None:
+        """The shallower layer ``layer`` shares merged tokens with (the recipe's cross-layer
+        component, ``minicache``), or None."""
+        depth = None if self.recipe is None else self.recipe.depth
+        if depth is None:
+            return None
+        host = depth.pairs(self.layer_windows()).get(self.layers.index(layer))
+        return None if host is None else self.layers[host]
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention); every layer full without a config."""
+        return self.windows or [None] * len(self.layers)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             index = len(self.layers)

@@ -496,9 +496,8 @@ def results_table(results: list[GenerationResult], expected: str | None = None) 
 
 def methods_table() -> Table:
     table = Table(
-        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+merge][+keys][+quantizer][+sliding]@ratio"
-        "[+decoding], "
-        "each name[:option=value,...])"
+        title="kvsqueeze methods (recipe: scorer[+budget][+unit][+merge][+minicache][+keys][+quantizer]"
+        "[+sliding]@ratio[+decoding], each name[:option=value,...])"
     )
     for name in ("kind", "name", "paper", "options"):
         table.add_column(name)

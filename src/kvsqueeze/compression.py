@@ -1,13 +1,14 @@
 """The compression steps: what the attention function observed -> scores -> budgets -> keep.
 
-A forward that the cache compresses (a prefill chunk with a recipe that evicts) runs its
-attention as usual; the attention function only records, per layer, what the recipe's
-components ask for (``Observation``: the last queries, attention statistics over every query).
-When the forward ends, ``compress`` scores every layer from its held tokens and its observation,
-lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
+A forward that the cache compresses (a prefill chunk with a recipe that evicts or merges
+layers) runs its attention as usual; the attention function only records, per layer, what the
+recipe's components ask for (``Observation``: the last queries, attention statistics over every
+query). When the forward ends, ``compress`` scores every layer from its held tokens and its
+observation, lets the budget share the kept tokens across heads and layers (``Recipe.rank`` then
 ``Recipe.select``), merges what is dropped into kept tokens if the recipe merges, and keeps the
 selected tokens. Layers are scored one at a time: only their rankings (and, with a merge, their
-views) stay in memory until the budget has seen every layer.
+views) stay in memory until the budget has seen every layer. A cross-layer component
+(``minicache``) then merges the tokens of paired adjacent layers (``merge_across_layers``).
 
 During decoding, a recipe's decoding component bounds the cache: the attention function keeps
 each layer's latest decode queries (``RecentQueries``) and every ``every`` steps
@@ -25,10 +26,12 @@ import torch
 
 from kvsqueeze.scorers.base import ScoringInputs
 from kvsqueeze.selection import keep_mask
+from kvsqueeze.storage.tiers import GUEST_NORMS
 
 if TYPE_CHECKING:
     from kvsqueeze.budgets.base import LayerRanking
     from kvsqueeze.cache import CompressedCache
+    from kvsqueeze.depth import MiniCache
     from kvsqueeze.mergers.base import Merger
     from kvsqueeze.storage.layer import LayerView, PagedLayer
 
@@ -222,8 +225,15 @@ def compress(cache: CompressedCache) -> None:
         for index, observation in observed:
             layer = cache.layers[index]
             layer.set_head_state(recipe.keys.observe(observation.queries, layer.dense.count.shape[1]))
-    if not recipe.evicts:
-        return
+    if recipe.evicts:
+        evict(cache, observed)
+    if recipe.depth is not None:
+        merge_across_layers(cache, recipe.depth, {index for index, _ in observed})
+
+
+def evict(cache: CompressedCache, observed: list[tuple[int, Observation]]) -> None:
+    """Score, budget, merge (if the recipe merges) and keep in every observed layer."""
+    recipe = cache.recipe
     demotes = recipe.quantizer is not None and recipe.quantizer.demotes
     cache.count_context(new_context_tokens(cache, observed))
     rankings, views = [], []
@@ -259,7 +269,63 @@ def merge_dropped(
     if not bool(dropped.any()):
         return
     keys, values, absorbed = merge.merge(view.keys, view.values, keep, dropped, into, ranking.ranking)
-    layer.rewrite(view, keys, values, absorbed)
+    layer.rewrite(view, {"keys": keys, "values": values}, absorbed)
+
+
+def merge_across_layers(cache: CompressedCache, depth: MiniCache, observed: set[int]) -> None:
+    """Merge, in every pair of layers ``depth`` pairs whose layers the forward observed, the
+    tokens both hold in 16-bit storage (``MiniCache``): the host stores the shared states and the
+    deeper layer's magnitudes, the deeper layer drops its copies. Protected tokens stay apart."""
+    for guest_index, host_index in depth.pairs(cache.layer_windows()).items():
+        if guest_index in observed and host_index in observed:
+            merge_pair(cache, depth, cache.layers[host_index], cache.layers[guest_index])
+
+
+def merge_pair(cache: CompressedCache, depth: MiniCache, host: PagedLayer, guest: PagedLayer) -> None:
+    """``merge_across_layers`` for one pair."""
+    host_view, guest_view = host.view(), guest.view()
+    if host_view.slots.shape[-1] == 0:
+        return
+    index, found = align_slots(host_view.slots, guest_view.slots)
+    candidates = found & guest_view.in_dense & host_view.in_dense.gather(2, index)
+    if cache.protect_from is not None:
+        candidates = candidates & (guest_view.slots < cache.protect_from)
+    if not bool(candidates.any()):
+        return
+    host_states = tuple(
+        t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1]))
+        for t in (host_view.keys, host_view.values)
+    )
+    keys, values, key_norms, value_norms, merged = depth.merge(
+        host_states, (guest_view.keys, guest_view.values), candidates
+    )
+    length = host_view.slots.shape[-1]
+    target = torch.where(merged, index, length)  # unmerged entries write to a column cut off below
+
+    def to_host(merged_values: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([base, base[:, :, :1]], dim=2)
+        where = target.view(*target.shape, *[1] * (merged_values.dim() - 3)).expand_as(merged_values)
+        return padded.scatter(2, where, merged_values.to(base.dtype))[:, :, :length]
+
+    norms = torch.zeros_like(host_view.slots, dtype=torch.float32)
+    fields = {
+        "keys": to_host(keys, host_view.keys),
+        "values": to_host(values, host_view.values),
+        GUEST_NORMS[0]: to_host(key_norms, norms),
+        GUEST_NORMS[1]: to_host(value_norms, norms),
+    }
+    # the guest first: its keep maps the view back over the host's entries as they were when it was taken
+    guest.keep(guest_view.release(), ~merged)
+    host.rewrite(host_view, fields, to_host(merged, torch.zeros_like(host_view.in_dense)))
+
+
+def align_slots(host_slots: torch.Tensor, guest_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each entry of ``guest_slots [B, H, Lg]``, the index of the ``host_slots [B, H, Lh]``
+    entry with the same slot (both in slot order, ``-1`` padding last) and whether there is one."""
+    sortable = torch.where(host_slots >= 0, host_slots, torch.iinfo(torch.long).max)
+    index = torch.searchsorted(sortable, guest_slots.clamp(min=0)).clamp(max=host_slots.shape[-1] - 1)
+    found = (host_slots.gather(2, index) == guest_slots) & (guest_slots >= 0)
+    return index, found
 
 
 def compress_decoded(cache: CompressedCache) -> None:

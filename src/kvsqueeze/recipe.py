@@ -4,9 +4,9 @@ String form: ``full``, or components joined by ``+`` and an optional ``@RATIO``,
 the fraction of context tokens removed, in [0, 1): ``snapkv@0.75``, ``streaming:sinks=4@0.9``,
 ``snapkv+adakv@0.8``, ``snapkv+kivi2@0.5``, ``kvzip+words@0.75``, ``snapkv+d2o@0.5``,
 ``snapkv+sliding@0.75`` (sliding-window layers compressed too). Each component is
-``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge, one key reducer
-(fewer numbers stored per key), one quantizer and one decoding component, which bounds the cache
-during generation and may follow the ratio:
+``name[:option=value,...]``; at most one scorer, one budget, one unit, one merge, one cross-layer
+component (``minicache``), one key reducer (fewer numbers stored per key), one quantizer and one
+decoding component, which bounds the cache during generation and may follow the ratio:
 ``kvzip+global+think:channels=0.5+kivi4@0.75+decode:scorer=tova,budget=256,every=32``.
 """
 
@@ -27,6 +27,7 @@ from kvsqueeze.budgets.base import Budget, LayerRanking
 from kvsqueeze.components import Component
 from kvsqueeze.decoding import DECODERS
 from kvsqueeze.decoding.base import DecodeCompressor
+from kvsqueeze.depth import DEPTH, MiniCache
 from kvsqueeze.keys import KEY_REDUCERS
 from kvsqueeze.keys.base import KeyReducer, PlainBlocks, ReducedKeys
 from kvsqueeze.mergers import MERGERS
@@ -53,6 +54,7 @@ def components() -> dict[str, type[Component]]:
         **BUDGETS,
         **UNITS,
         **MERGERS,
+        **DEPTH,
         **KEY_REDUCERS,
         **QUANTIZERS,
         **DECODERS,
@@ -76,6 +78,7 @@ class Recipe:
     budget : how the kept tokens are shared across layers and heads (None = uniform).
     unit : groups of tokens kept or dropped together, e.g. whole words (None = single tokens).
     merge : folds what the scorer evicts into the kept tokens (None = evicted tokens are lost).
+    depth : adjacent layers share their states of a token (None = every layer stores its own).
     quantizer : packed low-bit storage of the kept tokens (None = the model's dtype).
     decoding : what bounds the cache while an answer is generated (None = every generated token
         is kept).
@@ -93,6 +96,7 @@ class Recipe:
     merge: Merger | None = None
     keys: KeyReducer | None = None
     layers: SlidingLayers | None = None
+    depth: MiniCache | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -127,9 +131,9 @@ class Recipe:
 
     @property
     def observes(self) -> bool:
-        """Whether a prefill forward records an ``Observation`` (to evict, or for a key reducer
-        that reads the queries)."""
-        return self.evicts or (self.keys is not None and self.keys.needs_queries)
+        """Whether a prefill forward records an ``Observation`` (to evict, to merge across layers,
+        or for a key reducer that reads the queries)."""
+        return self.evicts or self.depth is not None or (self.keys is not None and self.keys.needs_queries)
 
     @property
     def encodes_blocks(self) -> bool:
@@ -153,7 +157,7 @@ class Recipe:
 
     @property
     def is_full(self) -> bool:
-        return not self.evicts and not self.encodes_blocks and self.decoding is None
+        return not self.evicts and not self.encodes_blocks and self.decoding is None and self.depth is None
 
     def misses_every_layer(self, config) -> str | None:
         """Why this recipe would compress no layer of a model with ``config`` (every layer slides
@@ -173,7 +177,16 @@ class Recipe:
     def __str__(self) -> str:
         implied = self.budget is not None and self.scorer == self.budget.default_scorer()
         scorer = None if implied else self.scorer  # `duo` rather than `streaming+duo`
-        named = (scorer, self.budget, self.unit, self.merge, self.keys, self.quantizer, self.layers)
+        named = (
+            scorer,
+            self.budget,
+            self.unit,
+            self.merge,
+            self.depth,
+            self.keys,
+            self.quantizer,
+            self.layers,
+        )
         parts = [c.spec() for c in named if c is not None]
         text = "+".join(parts) + (f"@{self.ratio:g}" if self.ratio > 0 else "")
         if self.decoding is not None:
@@ -210,6 +223,7 @@ class Recipe:
             merge=chosen.get("merge"),
             keys=chosen.get("keys"),
             layers=chosen.get("layers"),
+            depth=chosen.get("depth"),
         )
         decoder = recipe.decoding
         if recipe.scorer is not None and recipe.scorer.stateful and decoder is not None and decoder.stateful:

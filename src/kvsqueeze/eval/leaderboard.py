@@ -5,7 +5,8 @@ budget paired with SnapKV at each ratio, KVzip with its own selection (one globa
 ``kvzip+global``) at each ratio, every quantizer on its own (it has no ratio: its saving is
 whatever its packed bytes are), a quantizer that demotes instead of evicting (``mixed``)
 paired with KeyDiff, the best query-agnostic scorer without a second pass, at each ratio, and
-every key reducer on its own and on top of ``kvzip+global`` at each ratio.
+every key reducer and cross-layer component (``minicache``) on its own and on top of
+``kvzip+global`` at each ratio.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvsqueeze.budgets import BUDGETS
+from kvsqueeze.depth import DEPTH
 from kvsqueeze.eval.tasks import DEFAULT_LENGTHS, DEFAULT_SUITE
 from kvsqueeze.keys import KEY_REDUCERS
 from kvsqueeze.models import DEFAULT_MODEL
@@ -21,7 +23,7 @@ from kvsqueeze.recipe import Recipe, RecipeError
 from kvsqueeze.scorers import SCORERS
 
 RATIOS = (0.5, 0.75, 0.875)
-SAMPLES = 2  # x 3 tasks x 63 recipes; the README gives the wall time measured on 2 cores with 55
+SAMPLES = 2  # x 3 tasks x 70 recipes; the README gives the wall time measured on 2 cores with 55
 OUT_DIR = "docs/leaderboard"
 """Where the default model's leaderboard goes; another model's goes to ``OUT_DIR-<model name>``."""
 
@@ -37,7 +39,7 @@ def leaderboard_recipes(ratios: tuple[float, ...] = RATIOS) -> list[str]:
             candidates += [f"keydiff+{name}@{ratio:g}" for ratio in ratios]
         else:
             candidates.append(name)
-    for name in KEY_REDUCERS:
+    for name in (*KEY_REDUCERS, *DEPTH):
         candidates += [name, *(f"kvzip+global+{name}@{ratio:g}" for ratio in ratios)]
     recipes = []
     for text in candidates:

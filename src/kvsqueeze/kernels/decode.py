@@ -3,7 +3,8 @@
 ``fused_decode`` reads the dense and KIVI blocks where they are (nothing gathered, codes never
 expanded to a dequantized copy) and merges the tiers' softmax exactly with their log-sum-exps.
 It returns None when the kernels cannot serve the call (another device, no compiler, a block
-format they do not read, a mask that is not "every slot from some first one"); the caller then
+format they do not read, a layer that also attends its host's tokens (``minicache``), a mask that
+is not "every slot from some first one"); the caller then
 runs the PyTorch path.
 """
 
@@ -41,7 +42,11 @@ def fused_decode(
 ) -> torch.Tensor | None:
     """Attention of ``query [B, Hq, 1, D]`` over what ``layer`` holds, ``[B, 1, Hq, Dv]``, or
     None (see module docstring). ``lower [B]``: the first slot each row may see."""
-    if query.device.type != "cpu" or any(tier.quantizer.block_format != "kivi" for tier in layer.quantized):
+    if (
+        query.device.type != "cpu"
+        or layer.reads_host
+        or any(tier.quantizer.block_format != "kivi" for tier in layer.quantized)
+    ):
         return None
     kernels = ops()
     if kernels is None:

@@ -8,7 +8,9 @@ contiguous run of slots ending at ``seen - 1`` (tiers in slot order: quantized b
 dense ones), so nothing but keys and values is stored; the first eviction writes every token's
 slot into a per-token ``slots`` field. A sliding-window layer frees the blocks that no later
 query can see, so it holds its last ``window - 1`` tokens (in whole blocks) as transformers'
-``DynamicSlidingWindowLayer`` does.
+``DynamicSlidingWindowLayer`` does. With ``minicache``, a deeper layer also attends tokens its
+host layer stores for both (the host's state rescaled to per-token magnitudes the host keeps in
+two carried fields, ``GUEST_NORMS``); it stores none of them itself.
 """
 
 from __future__ import annotations
@@ -18,15 +20,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
 
 from kvsqueeze.quantizers.base import RESIDUAL_DTYPE, Quantizer
 from kvsqueeze.storage.pool import Workspace
-from kvsqueeze.storage.tiers import DenseTier, QuantizedTier, concat_exports
+from kvsqueeze.storage.tiers import GUEST_NORMS, DenseTier, QuantizedTier, concat_exports
 
 if TYPE_CHECKING:
     from kvsqueeze.cache import CompressedCache
     from kvsqueeze.recipe import Recipe
+
+
+FIELD_DEFAULTS = {
+    "slots": (torch.int32, -1),
+    "scores": (torch.float32, 0),
+    **{name: (torch.float16, 0) for name in GUEST_NORMS},
+}
+"""dtype and initial value of each carried per-token field (``tiers.CARRIED_FIELDS``)."""
 
 
 def dense_block_size(block_size: int, codecs: list[Quantizer]) -> int:
@@ -140,8 +151,9 @@ class PagedLayer(CacheLayerMixin):
         if self.explicit_slots:
             new = torch.arange(self.seen, self.seen + q_len, dtype=torch.int32, device=self.device)
             fields["slots"] = new.expand(batch, heads, q_len)
-        if "scores" in self.dense.token_fields:
-            fields["scores"] = key_states.new_zeros(batch, heads, q_len, dtype=torch.float32)
+        for name in ("scores", *GUEST_NORMS):
+            if name in self.dense.token_fields:
+                fields[name] = key_states.new_zeros(batch, heads, q_len)
         self.dense.append(fields)
         self.seen += q_len
         # the attention function finds the layer through the returned tensor: the model passes nothing else
@@ -207,8 +219,57 @@ class PagedLayer(CacheLayerMixin):
         return torch.where(held, slots, -1)
 
     def held_tokens(self, dtype: torch.dtype, workspace: Workspace | None = None) -> HeldTokens:
-        """Every token this layer holds, in ``dtype`` (see ``HeldTokens``). With ``workspace``, the
-        gathered keys and values live in its buffers, valid until the next layer's gather."""
+        """Every token this layer attends, in ``dtype`` (see ``HeldTokens``): what it stores, then
+        the tokens it shares with its host layer (``minicache``). With ``workspace``, the gathered
+        keys and values of what it stores live in its buffers, valid until the next layer's gather."""
+        own = self._stored_tokens(dtype, workspace)
+        if not self.reads_host:
+            return own
+        shared = self._shared_tokens(dtype)
+        valid = own.valid if own.valid is not None else torch.ones_like(own.slots, dtype=torch.bool)
+        return HeldTokens(
+            torch.cat([own.keys, shared.keys], dim=2),
+            torch.cat([own.values, shared.values], dim=2),
+            torch.cat([valid, shared.valid], dim=2),
+            torch.cat([own.slots, shared.stored_slots], dim=2),
+            self.seen,
+        )
+
+    @property
+    def host(self) -> PagedLayer | None:
+        """The shallower layer this one shares merged tokens with (``minicache``), or None."""
+        return self.cache.host_of(self)
+
+    @property
+    def reads_host(self) -> bool:
+        """Whether this layer attends tokens stored in its host layer (some were merged)."""
+        host = self.host
+        return host is not None and host.is_initialized and GUEST_NORMS[0] in host.dense.token_fields
+
+    def _shared_tokens(self, dtype: torch.dtype) -> HeldTokens:
+        """The tokens this layer shares with its host: the host's states rescaled to this layer's
+        magnitudes, ``valid`` where a token is shared (every host entry is listed)."""
+        host = self.host
+        held = host.held_tokens(dtype)
+        key_norms, value_norms = (torch.cat(host._entries(name), dim=2) for name in GUEST_NORMS)
+        shared = key_norms > 0 if held.valid is None else held.valid & (key_norms > 0)
+        keys = F.normalize(held.keys, dim=-1) * key_norms[..., None].to(dtype)
+        values = F.normalize(held.values, dim=-1) * value_norms[..., None].to(dtype)
+        return HeldTokens(keys, values, shared, torch.where(shared, held.slots, -1), self.seen)
+
+    def _shared_width(self) -> int:
+        """Entries ``held_tokens`` lists after the stored ones (the host's, when shared)."""
+        return sum(mask.shape[-1] for mask in self.host._held_masks()) if self.reads_host else 0
+
+    def drop_shared(self, kept: torch.Tensor) -> None:
+        """Stop sharing the entries where ``kept [B, H, E]`` (this layer's concatenated tier
+        entries, as a host) is False: the deeper layer no longer attends them."""
+        for name in GUEST_NORMS:
+            norms = torch.cat(self._entries(name), dim=2)
+            self._write_entries(name, torch.where(kept, norms, 0))
+
+    def _stored_tokens(self, dtype: torch.dtype, workspace: Workspace | None = None) -> HeldTokens:
+        """The tokens this layer's tiers store (``held_tokens`` without the shared ones)."""
         dense = self.dense
         if not any(tier.widest for tier in self.quantized):
             keys, values = (self._gather_dense(name, dtype, workspace) for name in ("keys", "values"))
@@ -238,11 +299,13 @@ class PagedLayer(CacheLayerMixin):
         """This layer's tokens per head in slot order (see ``LayerView``)."""
         held = self.held_tokens(self.dtype)
         valid = held.valid if held.valid is not None else torch.ones_like(held.slots, dtype=torch.bool)
+        widths = [mask.shape[-1] for mask in self._held_masks()]
+        shared = held.slots.shape[-1] - sum(widths)
         scores = None
         if "scores" in self.dense.token_fields:
-            scores = torch.cat(self._entries("scores"), dim=2)
-        widths = [mask.shape[-1] for mask in self._held_masks()]
-        in_dense = torch.arange(sum(widths), device=self.device) >= sum(widths[:-1])
+            scores = torch.nn.functional.pad(torch.cat(self._entries("scores"), dim=2), (0, shared))
+        entry = torch.arange(sum(widths) + shared, device=self.device)
+        in_dense = (entry >= sum(widths[:-1])) & (entry < sum(widths))
         longest = int(valid.sum(-1).max()) if valid.numel() else 0
         if held.contiguous:
             order = torch.arange(held.slots.shape[-1], device=self.device).expand_as(held.slots)
@@ -270,8 +333,8 @@ class PagedLayer(CacheLayerMixin):
             tier.head_state.update({name: t.detach().to(self.device) for name, t in state.items()})
 
     def _ensure_field(self, name: str) -> None:
-        """Attach the carried per-token field ``name`` (``slots`` or ``scores``) to every tier."""
-        dtype, fill = (torch.int32, -1) if name == "slots" else (torch.float32, 0)
+        """Attach the carried per-token field ``name`` (``FIELD_DEFAULTS``) to every tier."""
+        dtype, fill = FIELD_DEFAULTS[name]
         for tier in self.tiers:
             tier.add_token_field(name, (), dtype, fill)
 
@@ -319,8 +382,9 @@ class PagedLayer(CacheLayerMixin):
         if demote is not None:
             demote = demote & ~keep & held & view.in_dense
             if bool(demote.any()):
-                quantized_entries = sum(held.shape[-1] for held in self._held_masks()[:-1])
-                chosen = self._scatter_entries(view, demote)[:, :, quantized_entries:] & self.dense.held()
+                first = sum(held.shape[-1] for held in self._held_masks()[:-1])
+                in_dense = self._scatter_entries(view, demote)[:, :, first : first + self.dense.longest]
+                chosen = in_dense & self.dense.held()
                 positions = self.dense.positions()[chosen]
                 moving = (
                     {name: self.dense.read(name, positions) for name in self.dense.token_fields},
@@ -332,19 +396,20 @@ class PagedLayer(CacheLayerMixin):
             width = held_mask.shape[-1]
             tier.keep(entries[:, :, start : start + width])
             start += width
+        if start < entries.shape[-1]:
+            self.host.drop_shared(entries[:, :, start:])
         if moving is not None:
             fields, chosen = moving
             self.quantized[0].add(fields, chosen.sum(-1))
         for tier in self.tiers:
             tier.release_slack()
 
-    def rewrite(
-        self, view: LayerView, keys: torch.Tensor, values: torch.Tensor, entries: torch.Tensor
-    ) -> None:
-        """Overwrite the stored key and value of the view entries ``entries [B, H, L]`` with
-        ``keys``/``values`` ``[B, H, L, D]`` (view order), in the dense tier's dtype (a merge). The
-        entries must be in 16-bit storage (``view.in_dense``): quantized blocks are never
-        re-encoded. Call it before ``keep``, which moves entries."""
+    def rewrite(self, view: LayerView, fields: dict[str, torch.Tensor], entries: torch.Tensor) -> None:
+        """Overwrite per-token fields of the view entries ``entries [B, H, L]``: ``fields`` maps a
+        field name (``keys``, ``values``, a carried field) to its new values ``[B, H, L, ...]`` (view
+        order), stored in the field's dtype (a merge). The entries must be in 16-bit storage
+        (``view.in_dense``): quantized blocks are never re-encoded. Call it before ``keep``, which
+        moves entries."""
         if not bool(entries.any()):
             return
         if bool((entries & ~view.in_dense).any()):
@@ -352,14 +417,17 @@ class PagedLayer(CacheLayerMixin):
                 "only tokens in 16-bit storage can be rewritten; quantized ones are encoded once"
             )
         quantized_entries = sum(held.shape[-1] for held in self._held_masks()[:-1])
-        positions = self.dense.positions().gather(2, (view.source - quantized_entries).clamp(min=0))
-        self.dense.write("keys", positions[entries], keys[entries])
-        self.dense.write("values", positions[entries], values[entries])
+        in_dense = (view.source - quantized_entries).clamp(min=0, max=self.dense.longest - 1)
+        positions = self.dense.positions().gather(2, in_dense)
+        for name, values in fields.items():
+            if name not in self.dense.token_fields:
+                self._ensure_field(name)
+            self.dense.write(name, positions[entries], values[entries])
 
     def _scatter_entries(self, view: LayerView, values: torch.Tensor) -> torch.Tensor:
         """A view-order tensor ``[B, H, L]`` laid out over the concatenated tier entries ``[B, H, E]``
         (entries the view does not show get zeros / False)."""
-        width = sum(held.shape[-1] for held in self._held_masks())
+        width = sum(held.shape[-1] for held in self._held_masks()) + self._shared_width()
         out = values.new_zeros(*values.shape[:2], width)
         return out.scatter(2, view.source, values.masked_fill(view.slots < 0, 0))
 

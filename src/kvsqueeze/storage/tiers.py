@@ -25,9 +25,13 @@ import torch
 from kvsqueeze.quantizers.base import Quantizer
 from kvsqueeze.storage.pool import BlockPool
 
-CARRIED_FIELDS = ("slots", "scores")
+GUEST_NORMS = ("guest_key_norm", "guest_value_norm")
+"""Per-token fields of a layer that holds a deeper layer's merged tokens (``minicache``): that
+layer's key and value magnitudes, 0 where the token is not shared."""
+
+CARRIED_FIELDS = ("slots", "scores", *GUEST_NORMS)
 """Per-token fields the layer attaches to every token of every tier, once it needs them: the
-token's slot (after eviction) and a stateful scorer's running score."""
+token's slot (after eviction), a stateful scorer's running score and a deeper layer's magnitudes."""
 
 
 def ceil_div(x, y):
