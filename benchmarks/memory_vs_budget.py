@@ -8,12 +8,13 @@ the 16-bit recent window (+ int32 slot indices once tokens were evicted); GEAR a
 high and a low tier; a key reducer stores fewer key numbers per encoded block (ThinK: the kept
 channels + a uint8 index each, and a float32 query norm per channel and head; low-rank keys:
 ``rank`` coefficients per token + a 16-bit ``rank x head_dim`` basis per block), in 16 bits when
-there is no quantizer. *Paged*: the same content in whole blocks (16-token blocks in the model's
-dtype, quantizer groups as blocks, a head's last block partly filled), plus an int64 table entry
-per block and an int64 count per head and tier. Real bytes are ``cache.nbytes()``: every tensor
-held. Target: within 5% of the paged theory; real / ideal is what paging costs. Compression is
-shown against the model's fp32 cache and, for a 16-bit deployment, ``nbytes(torch.float16)``
-against a 16-bit cache (how the papers state it).
+there is no quantizer; ``minicache:gamma=1`` merges every token of each pair of layers it pairs, so
+the deeper layer holds none and its host two 16-bit magnitudes per token more. *Paged*: the same
+content in whole blocks (16-token blocks in the model's dtype, quantizer groups as blocks, a head's
+last block partly filled), plus an int64 table entry per block and an int64 count per head and
+tier. Real bytes are ``cache.nbytes()``: every tensor held. Target: within 5% of the paged theory;
+real / ideal is what paging costs. Compression is shown against the model's fp32 cache and, for a
+16-bit deployment, ``nbytes(torch.float16)`` against a 16-bit cache (how the papers state it).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ QUANTIZED = (
     "snapkv+lowrank+kivi4@0.75",
     "kvzip+think+kivi2@0.75",
 )
+CROSS_LAYER = ("minicache:gamma=1",)
 
 
 def kivi_tier_bytes(quantizer: KIVI, quantized: int, head_dim: int, key_dim: int | None = None) -> int:
@@ -141,12 +143,22 @@ def encoded_bytes(recipe: Recipe, tokens: int, kept: int, head_dim: int) -> int:
     return body + window + slots
 
 
+def cross_layer_bytes(recipe: Recipe, layers: int, per_head: int, tokens: int, paged: bool) -> int:
+    """Bytes of one KV head summed over the layers with ``minicache:gamma=1``: ``per_head`` (what a
+    full-cache layer holds) in every layer but the deeper one of each pair, which holds no token
+    (an int64 count), plus two 16-bit magnitudes per token (per block position if ``paged``) in
+    each host."""
+    pairs = len(recipe.depth.pairs([None] * layers))
+    magnitudes = 2 * 2 * (whole_blocks(tokens, BLOCK) if paged else tokens)
+    return per_head * (layers - pairs) + pairs * (magnitudes + (8 if paged else 0))
+
+
 def main() -> None:
     model, tokenizer, ids = model_and_context()
     layers, kv_heads, head_dim = kv_cache_spec(model.config)
     tokens = ids.shape[1]
     recipes = [Recipe.parse(f"{name}@{ratio}") for name in SCORERS for ratio in RATIOS]
-    recipes += [Recipe.parse(text) for text in QUANTIZED]
+    recipes += [Recipe.parse(text) for text in (*QUANTIZED, *CROSS_LAYER)]
     table = Table(title=f"real vs theoretical KV bytes, {tokens}-token context, model in {model.dtype}")
     columns = (
         "recipe",
@@ -168,8 +180,12 @@ def main() -> None:
             per_head = kept * 2 * head_dim * model.dtype.itemsize
         else:
             per_head = encoded_bytes(recipe, tokens, kept, head_dim)
+        paged_head = paged_bytes(recipe, tokens, kept, head_dim, model.dtype.itemsize)
         ideal = layers * kv_heads * per_head
-        paged = layers * kv_heads * paged_bytes(recipe, tokens, kept, head_dim, model.dtype.itemsize) + 16
+        paged = layers * kv_heads * paged_head + 16
+        if recipe.depth is not None:
+            ideal = kv_heads * cross_layer_bytes(recipe, layers, per_head, tokens, paged=False)
+            paged = kv_heads * cross_layer_bytes(recipe, layers, paged_head, tokens, paged=True) + 16
         excess = cache.nbytes() / paged
         worst = max(worst, abs(excess - 1))
         fp32, fp16 = cache.nbytes_full(), cache.nbytes_full(torch.float16)
