@@ -9,10 +9,7 @@ import contextlib
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -21,7 +18,7 @@ from pathlib import Path
 
 import openai
 
-from kvsqueeze.serve.local import free_port, local_redis, local_server_process, redis_binary, wait_for
+from kvsqueeze.serve.local import free_port, healthy_process, local_redis, local_server_process, redis_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m"
@@ -62,11 +59,6 @@ def server_process(*args: str, timeout: float = 180) -> Iterator[tuple[str, int]
         yield base, process.pid
 
 
-def _healthy(base: str) -> bool:
-    with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-        return response.status == 200
-
-
 @contextlib.contextmanager
 def transformers_server(
     model_dir: Path, *args: str, threads: int, timeout: float = 300
@@ -82,30 +74,8 @@ def transformers_server(
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *args, str(model_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            try:
-                wait_for(lambda: _healthy(base), timeout, "transformers serve", process)
-            except (TimeoutError, RuntimeError) as error:
-                log.seek(0)
-                raise RuntimeError(f"{error}; log:\n{log.read().decode(errors='replace')[-3000:]}") from None
-            yield base, process.pid
-        finally:
-            _stop_group(process)
-
-
-def _stop_group(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    with healthy_process(command, base, "transformers serve", timeout, env=env, own_session=True) as process:
+        yield base, process.pid
 
 
 def tree_rss_bytes(root: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,12 +43,22 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, process: subproc
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
+def _stop(process: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after 30 s: to ``process``, or with ``group`` to its whole process group
+    (it runs in a session of its own), children included."""
+
+    def send(sig: signal.Signals) -> None:
+        if not group:
+            process.send_signal(sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+
+    send(signal.SIGTERM)
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        send(signal.SIGKILL)
         process.wait(timeout=10)
 
 
@@ -104,16 +115,35 @@ def local_server_process(*args: str, timeout: float = 180) -> Iterator[tuple[str
     port = free_port()
     command = [sys.executable, "-m", "kvsqueeze.serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
+    with healthy_process(command, base, "server", timeout) as process:
+        yield base, process
+
+
+@contextlib.contextmanager
+def healthy_process(
+    command: list[str],
+    base: str,
+    what: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    own_session: bool = False,
+) -> Iterator[subprocess.Popen]:
+    """Run ``command`` (an HTTP server listening at ``base``) until ``base/health`` answers 200;
+    yield its process and stop it at the end. With ``own_session`` it runs in a session of its
+    own and its whole process group is stopped, whatever its leader did. If it does not become
+    healthy, the error (naming ``what``) carries the end of its log."""
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session
+        )
         try:
             try:
-                wait_for(lambda: _healthy(base), timeout, "server", process)
+                wait_for(lambda: _healthy(base), timeout, what, process)
             except (TimeoutError, RuntimeError) as error:
                 log.seek(0)
                 tail = log.read().decode(errors="replace")[-3000:]
                 raise RuntimeError(f"{error}; log:\n{tail}") from None
-            yield base, process
+            yield process
         finally:
-            if process.poll() is None:
-                _stop(process)
+            if own_session or process.poll() is None:
+                _stop(process, group=own_session)
